@@ -1,0 +1,207 @@
+"""Rewrite each targeted linear into a `qcompile::` op whose quantized weight lives in the graph module."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, fx
+
+from qcompile import numerics
+from qcompile.passes.find_linears import LinearSite
+from qcompile.recipes import QuantSpec, Recipe
+
+# Largest representable magnitude per activation format, for static scales: scale = amax / QMAX.
+_INPUT_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "nvfp4": 6.0 * 448.0}
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer; `report()` prints these and `save()` stores them."""
+
+    name: str
+    weight_format: str
+    input_format: str
+    out_features: int
+    in_features: int
+    weight_bytes: int
+    weight_sqnr_db: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.weight_bytes / (self.out_features * self.in_features)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["weight_sqnr_db"] = None if math.isinf(self.weight_sqnr_db) else self.weight_sqnr_db
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> LayerReport:
+        data = dict(data)
+        if data["weight_sqnr_db"] is None:
+            data["weight_sqnr_db"] = math.inf
+        return cls(**data)
+
+
+def describe(spec: QuantSpec | None) -> str:
+    if spec is None:
+        return "-"
+    parts = [spec.format, spec.granularity]
+    if spec.granularity in ("group", "block"):
+        size = spec.block_size
+        parts.append("x".join(map(str, size)) if isinstance(size, tuple) else str(size))
+    if not spec.symmetric:
+        parts.append("asym")
+    if spec.dynamic:
+        parts.append("dynamic")
+    return " ".join(parts)
+
+
+def static_input_scale(fmt: str, amax: Tensor) -> Tensor:
+    """Static activation scale from a calibrated amax (for nvfp4: the global scale); 1.0 where amax is 0."""
+    amax = amax.detach().float().reshape(())
+    scale = amax / _INPUT_QMAX[fmt]
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _quantize_weight(weight: Tensor, spec: QuantSpec) -> tuple[dict[str, Tensor], dict, Tensor]:
+    """Quantized tensors to store, the op's integer arguments, and the dequantized weight (for SQNR)."""
+    if spec.format == "int8":
+        if spec.granularity not in ("tensor", "channel"):
+            raise NotImplementedError(f"int8 weights support tensor or channel granularity, not {spec.granularity!r}")
+        t = numerics.quantize_int8(weight, spec.granularity)
+        return {"weight": t.q, "weight_scale": t.scale}, {}, numerics.dequantize_int8(t)
+    if spec.format == "fp8_e4m3":
+        if spec.granularity not in ("tensor", "channel", "block"):
+            raise NotImplementedError(f"fp8 weights support tensor, channel or block granularity, not {spec.granularity!r}")
+        block = 0
+        if spec.granularity == "block":
+            size = spec.block_size
+            rows, cols = size if isinstance(size, tuple) else (size, size)
+            if rows != cols:
+                raise NotImplementedError("fp8 weight blocks must be square")
+            block = rows
+        t = numerics.quantize_fp8(weight, spec.granularity, block_size=block or 128)
+        return {"weight": t.q, "weight_scale": t.scale}, {"block_size": block}, numerics.dequantize_fp8(t)
+    if spec.format in ("int4", "int3"):
+        if spec.granularity != "group":
+            raise NotImplementedError(f"{spec.format} weights are quantized in groups, not per {spec.granularity!r}")
+        t = numerics.quantize_int4(weight, spec.block_size, symmetric=spec.symmetric, bits=spec.bits)
+        tensors = {"packed": t.packed, "scale": t.scale}
+        if t.zero_point is not None:
+            tensors["zero_point"] = t.zero_point
+        args = {"group_size": t.group_size, "bits": t.bits, "in_features": t.in_features}
+        return tensors, args, numerics.dequantize_int4(t)
+    if spec.format == "nvfp4":
+        t = numerics.quantize_nvfp4(weight)
+        tensors = {"packed": t.packed, "block_scale": t.block_scale, "global_scale": t.global_scale}
+        return tensors, {"in_features": t.in_features}, numerics.dequantize_nvfp4(t)
+    raise NotImplementedError(f"no weight quantization for format {spec.format!r}")
+
+
+_OP_FOR_FORMAT = {
+    "int8": torch.ops.qcompile.int8_linear.default,
+    "fp8_e4m3": torch.ops.qcompile.fp8_linear.default,
+    "int4": torch.ops.qcompile.int4_linear.default,
+    "int3": torch.ops.qcompile.int4_linear.default,
+    "nvfp4": torch.ops.qcompile.nvfp4_linear.default,
+}
+
+# Positional order of each op's weight-side arguments (after x, before bias); see qcompile/ops.py.
+_WEIGHT_ARGS = {
+    "int8": ("weight", "weight_scale"),
+    "fp8_e4m3": ("weight", "weight_scale", "block_size"),
+    "int4": ("packed", "scale", "zero_point", "group_size", "bits", "in_features"),
+    "int3": ("packed", "scale", "zero_point", "group_size", "bits", "in_features"),
+    "nvfp4": ("packed", "block_scale", "global_scale", "in_features"),
+}
+
+
+def _sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    reference = reference.double()
+    noise = (reference - approx.double()).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _attribute_prefix(name: str) -> str:
+    return "_qc_" + name.replace(".", "_").replace("#", "_")
+
+
+def quantize_linears(
+    gm: fx.GraphModule, sites: list[LinearSite], recipe: Recipe, input_amax: dict[str, Tensor] | None = None
+) -> list[LayerReport]:
+    """Replace every site by its `qcompile::` op; `input_amax` holds calibrated amax for static inputs."""
+    input_amax = input_amax or {}
+    reports = []
+    for site in sites:
+        numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
+        tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights)
+        prefix = _attribute_prefix(site.name)
+        attr_nodes = {}
+        with gm.graph.inserting_before(site.node):
+            for key, value in tensors.items():
+                attr = f"{prefix}_{key}"
+                gm.register_buffer(attr, value.contiguous())
+                attr_nodes[key] = gm.graph.get_attr(attr)
+
+            input_spec = recipe.inputs
+            input_scale = None
+            if input_spec is not None and not input_spec.dynamic:
+                if site.name not in input_amax:
+                    raise RuntimeError(f"layer {site.name!r} has a static input format but was never calibrated")
+                gm.register_buffer(f"{prefix}_input_scale", static_input_scale(input_spec.format, input_amax[site.name]))
+                input_scale = gm.graph.get_attr(f"{prefix}_input_scale")
+
+            weight_args = [attr_nodes.get(key, int_args.get(key)) for key in _WEIGHT_ARGS[recipe.weights.format]]
+            args = (
+                site.input,
+                *weight_args,
+                site.bias,
+                input_scale,
+                "none" if input_spec is None else input_spec.format,
+                "tensor" if input_spec is None else input_spec.granularity,
+            )
+            new_node = gm.graph.call_function(_OP_FOR_FORMAT[recipe.weights.format], args)
+        new_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+        site.node.replace_all_uses_with(new_node)
+        gm.graph.erase_node(site.node)
+        _erase_float_weight(gm, site)
+        reports.append(
+            LayerReport(
+                name=site.name,
+                weight_format=describe(recipe.weights),
+                input_format=describe(recipe.inputs),
+                out_features=site.out_features,
+                in_features=site.in_features,
+                weight_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+                weight_sqnr_db=_sqnr_db(site.weight.detach(), dequantized),
+            )
+        )
+    gm.graph.lint()
+    gm.recompile()
+    return reports
+
+
+def _erase_float_weight(gm: fx.GraphModule, site: LinearSite) -> None:
+    """Drop the now-unused transposes and float weight, so the module holds only the quantized copy."""
+    node = site.weight_node
+    # transposes between the constant and the product
+    for user in list(node.users):
+        if not user.users and user.op in ("call_function", "call_method"):
+            gm.graph.erase_node(user)
+    if node.users or node.op != "get_attr":
+        return  # still used elsewhere (tied weights), or a dynamo placeholder the caller keeps passing
+    gm.graph.erase_node(node)
+    owner_path, _, attr = str(node.target).rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if attr in owner._parameters:
+        del owner._parameters[attr]
+    elif attr in owner._buffers:
+        del owner._buffers[attr]
+    elif hasattr(owner, attr):
+        delattr(owner, attr)

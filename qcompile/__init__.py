@@ -1,0 +1,117 @@
+"""qcompile: a quantization compiler for PyTorch 2.
+
+The ahead-of-time pipeline, top to bottom (`quantize` below):
+
+1. resolve the recipe (`qcompile.recipes`): how weights and input activations are quantized;
+2. capture the model with torch.export (`qcompile.capture`);
+3. find the quantizable linears in the graph (`qcompile.passes.find_linears`);
+4. if the recipe needs data, insert observers and run the calibration batches (`qcompile.passes.insert_observers`,
+   `qcompile.calibration`);
+5. rewrite each linear into a `qcompile::` op holding packed quantized weights (`qcompile.passes.quantize_linears`);
+   the ops are defined in `qcompile.ops` and implemented in `qcompile.lowering`;
+6. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`.
+
+The just-in-time path, `torch.compile(model, backend="quant")`, runs steps 3-5 on dynamo's graphs
+(`qcompile.backend`); static recipes calibrate inside `with qcompile.calibrate(compiled): ...`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
+from qcompile.calibration import calibrate, first_batch, run_calibration
+from qcompile.capture import capture
+from qcompile.model import QuantizedModel, load
+from qcompile.passes.find_linears import find_linears
+from qcompile.passes.insert_observers import insert_observers, remove_observers
+from qcompile.passes.quantize_linears import quantize_linears
+from qcompile.recipes import RECIPES, QuantSpec, Recipe, resolve_recipe
+
+__all__ = [
+    "RECIPES",
+    "QuantSpec",
+    "QuantizedModel",
+    "Recipe",
+    "calibrate",
+    "load",
+    "numerics",
+    "quantize",
+]
+__version__ = "0.1.0"
+
+# Algorithms implemented so far; the others run plain max calibration and say so in the report.
+IMPLEMENTED_ALGORITHMS = ("max",)
+
+
+def algorithm_that_runs(recipe: Recipe) -> str:
+    if recipe.algorithm in IMPLEMENTED_ALGORITHMS:
+        return recipe.algorithm
+    return f"max ({recipe.algorithm} not available yet)"
+
+
+def quantize(
+    model: nn.Module,
+    recipe: str | Recipe = "fp8_dynamic",
+    calib: Iterable | Callable | None = None,
+    *,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    exclude: Iterable[str] | None = None,
+    progress: bool = True,
+) -> QuantizedModel | nn.Module:
+    """Quantize `model` ahead of time and return a `QuantizedModel` called exactly like it.
+
+    `calib` is an iterable of model inputs (tensors, tuples of positional inputs, or dicts of keyword inputs) or a
+    `forward_loop(model)` callable; it is needed by recipes with static activation scales. The example inputs
+    used for capture default to the first calibration batch. A model with no quantizable linear comes back
+    unchanged, with a warning.
+    """
+    recipe = resolve_recipe(recipe, exclude=exclude)
+    if recipe.kv_cache is not None:
+        raise NotImplementedError("KV-cache quantization (Recipe.kv_cache) is not implemented yet")
+    args, kwargs, calib = _example_call(example_inputs, example_kwargs, calib)
+
+    graph = capture(model, args, kwargs)
+    sites = [site for site in find_linears(graph) if not recipe.excludes(site.name)]
+    if not sites:
+        warnings.warn(
+            f"{type(model).__name__} has no linear layer that recipe {recipe.name!r} targets "
+            f"(exclude={list(recipe.exclude)}); returning the model unchanged",
+            stacklevel=2,
+        )
+        return model
+
+    input_amax = {}
+    if recipe.static_inputs:
+        observers = insert_observers(graph, sites)
+        run_calibration(graph, calib, progress=progress)
+        for name, observer in observers.items():
+            if observer.amax is None:
+                raise ValueError(f"layer {name!r} saw no calibration data: the forward loop never reached it")
+            input_amax[name] = observer.amax
+        remove_observers(graph)
+
+    float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    layers = quantize_linears(graph, sites, recipe, input_amax)
+    return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes)
+
+
+def _example_call(example_inputs, example_kwargs, calib):
+    """The inputs to capture with: the given example, or the first calibration batch."""
+    from qcompile.calibration import as_call
+
+    if example_inputs is not None or example_kwargs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (
+            () if example_inputs is None else (example_inputs,))
+        return args, dict(example_kwargs or {}), calib
+    if calib is None or callable(calib) and not isinstance(calib, Iterable):
+        raise ValueError("pass example_inputs=(...) or example_kwargs={...} (or calibration batches) to capture the model")
+    head, calib = first_batch(calib)
+    if head is None:
+        raise ValueError("the calibration set is empty and no example_inputs were given")
+    args, kwargs = as_call(head)
+    return args, kwargs, calib

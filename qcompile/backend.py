@@ -1,0 +1,139 @@
+"""The `torch.compile` backend: `torch.compile(model, backend="quant", options={"recipe": ...})`.
+
+Registered through the `torch_dynamo_backends` entry point, so no import is needed. Dynamo hands each captured
+subgraph (one per graph break) to `quant_backend`, with parameters as placeholders whose example inputs are the
+`nn.Parameter`s. Weight-only and dynamic recipes are converted at once. Static recipes start observed: inside
+`qcompile.calibrate(compiled)` the graph runs in float and records activation ranges, and on exit it is converted.
+The statistics are kept per weight tensor, so a graph compiled later for a new input shape is converted at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from qcompile import calibration
+from qcompile.passes.find_linears import LinearSite, find_linears
+from qcompile.passes.insert_observers import insert_observers, remove_observers
+from qcompile.passes.quantize_linears import LayerReport, quantize_linears
+from qcompile.recipes import RECIPES, Recipe, resolve_recipe
+
+OPTIONS = {
+    "recipe": "a preset name from qcompile.RECIPES, or a qcompile.Recipe (default 'fp8_dynamic')",
+    "exclude": "glob patterns of layer names to leave in float (replaces the recipe's list)",
+    "compiler": "'inductor' (default) or 'eager': what runs the quantized graph",
+}
+COMPILERS = ("inductor", "eager")
+
+# Calibrated input amax, keyed by the weight the observed linear multiplies with.
+_INPUT_AMAX: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    recipe: Recipe
+    compiler: str = "inductor"
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            valid = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+            raise ValueError(f"unknown option(s) {unknown} for backend 'quant'; valid options are {valid}")
+        recipe = resolve_recipe(options.get("recipe", "fp8_dynamic"), exclude=options.get("exclude"))
+        if recipe.kv_cache is not None:
+            raise NotImplementedError("KV-cache quantization (Recipe.kv_cache) is not implemented yet")
+        compiler = options.get("compiler", "inductor")
+        if compiler not in COMPILERS:
+            raise ValueError(f"unknown compiler {compiler!r}; valid compilers: {', '.join(COMPILERS)}")
+        return cls(recipe, compiler)
+
+
+class QuantizedGraph:
+    """One dynamo subgraph: observed until calibrated (static recipes), then quantized and compiled."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, sites: list[LinearSite], options: BackendOptions):
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.sites = sites
+        self.options = options
+        self.layers: list[LayerReport] = []
+        self._run = None
+        self._observers = None
+        if options.recipe.static_inputs and not self._has_statistics():
+            self._observers = insert_observers(gm, sites)
+        else:
+            self._convert({site.name: _INPUT_AMAX.get(site.source) for site in sites})
+
+    def _has_statistics(self) -> bool:
+        return all(site.source in _INPUT_AMAX for site in self.sites)
+
+    def _convert(self, input_amax: dict) -> None:
+        self.layers = quantize_linears(self.gm, self.sites, self.options.recipe, input_amax)
+        if self.options.compiler == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            self._run = compile_fx(self.gm, self.example_inputs)
+        else:
+            self._run = self.gm.forward
+
+    def finish_calibration(self) -> None:
+        if self._run is not None:
+            return
+        amax = {}
+        for site in self.sites:
+            observer = self._observers[site.name]
+            if observer.amax is None:
+                raise ValueError(f"layer {site.name!r} saw no calibration data inside qcompile.calibrate()")
+            previous = _INPUT_AMAX.get(site.source)
+            value = observer.amax if previous is None else torch.maximum(previous, observer.amax)
+            _INPUT_AMAX[site.source] = value
+            amax[site.name] = value
+        remove_observers(self.gm)
+        self._observers = None
+        self._convert(amax)
+
+    def __call__(self, *args):
+        if self._run is not None:
+            return self._run(*args)
+        session = calibration.active_session()
+        if session is None:
+            if self._has_statistics():  # calibrated through another graph of the same model
+                self.finish_calibration_from_registry()
+                return self._run(*args)
+            raise RuntimeError(
+                f"recipe {self.options.recipe.name!r} has static activation scales and this model was never "
+                "calibrated: run calibration batches inside `with qcompile.calibrate(compiled): ...` first"
+            )
+        session.observe(self)
+        with torch.no_grad():
+            return self.gm(*args)
+
+    def finish_calibration_from_registry(self) -> None:
+        remove_observers(self.gm)
+        self._observers = None
+        self._convert({site.name: _INPUT_AMAX[site.source] for site in self.sites})
+
+
+def quant_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs):
+    """Dynamo backend entry point (`backend="quant"`)."""
+    if kwargs.get("mode") not in (None, "default"):
+        warnings.warn(f"backend 'quant' ignores mode={kwargs['mode']!r}", stacklevel=2)
+    parsed = BackendOptions.parse(options)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    parameters = {
+        node.name: value for node, value in zip(placeholders, example_inputs) if isinstance(value, nn.Parameter)
+    }
+    sites = [site for site in find_linears(gm, parameters) if not parsed.recipe.excludes(site.name)]
+    if not sites:
+        return gm.forward
+    return QuantizedGraph(gm, example_inputs, sites, parsed)
+
+
+__all__ = ["OPTIONS", "RECIPES", "quant_backend"]

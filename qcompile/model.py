@@ -1,0 +1,225 @@
+"""`QuantizedModel`: the result of `qcompile.quantize`, with its report and its safetensors + JSON checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx, nn
+from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
+from torch.utils import _pytree as pytree
+
+from qcompile.capture import export_program
+from qcompile.passes.quantize_linears import LayerReport
+from qcompile.recipes import QuantSpec, Recipe
+
+FORMAT_VERSION = 1
+_PROGRAM_FILE = "program.json"
+_META_FILE = "qcompile.json"
+_WEIGHTS_FILE = "model.safetensors"
+_EXAMPLE_FILE = "example_inputs.safetensors"
+
+
+class QuantizedModel(nn.Module):
+    """A quantized graph, called exactly like the model it came from."""
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        recipe: Recipe,
+        layers: list[LayerReport],
+        example: tuple[tuple, dict],
+        algorithm: str,
+        float_bytes: int | None = None,
+    ):
+        super().__init__()
+        self.graph_module = graph_module
+        self.recipe = recipe
+        self.layers = list(layers)
+        self.algorithm = algorithm
+        self.float_bytes = float_bytes
+        self._example = example
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def model_bytes(self) -> int:
+        tensors = {id(t): t for t in [*self.graph_module.parameters(), *self.graph_module.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def report(self) -> str:
+        """A per-layer table (format, shape, bits/weight, weight SQNR) with totals."""
+        header = f"recipe {self.recipe.name}: weights {self.layers[0].weight_format if self.layers else '-'}, "
+        header += f"inputs {self.layers[0].input_format if self.layers else '-'}, algorithm {self.algorithm}"
+        rows = [("layer", "weights", "inputs", "shape", "bits/w", "SQNR dB")]
+        for layer in self.layers:
+            sqnr = "inf" if math.isinf(layer.weight_sqnr_db) else f"{layer.weight_sqnr_db:.1f}"
+            rows.append((layer.name, layer.weight_format, layer.input_format,
+                         f"{layer.out_features}x{layer.in_features}", f"{layer.bits_per_weight:.2f}", sqnr))
+        elements = sum(layer.out_features * layer.in_features for layer in self.layers)
+        weight_bytes = sum(layer.weight_bytes for layer in self.layers)
+        finite = [layer.weight_sqnr_db for layer in self.layers if not math.isinf(layer.weight_sqnr_db)]
+        mean_sqnr = f"{sum(finite) / len(finite):.1f}" if finite else "inf"
+        bits = f"{8 * weight_bytes / elements:.2f}" if elements else "-"
+        rows.append((f"total: {len(self.layers)} layers", "", "", f"{elements} weights", bits, mean_sqnr))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+        lines = [header]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+            if i == 0 or i == len(rows) - 2:
+                lines.append("  ".join("-" * width for width in widths))
+        size = f"model bytes: {self.model_bytes:,}"
+        if self.float_bytes:
+            size += f" (float: {self.float_bytes:,}, {self.float_bytes / self.model_bytes:.2f}x smaller)"
+        lines.append(size)
+        return "\n".join(lines)
+
+    # -- checkpoint ---------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the program (JSON), tensors (safetensors) and metadata to `directory`, atomically."""
+        args, kwargs = self._example
+        program = export_program(self.graph_module, args, kwargs)
+        artifact = serialize(program)
+        tensors = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+        example_leaves, _ = pytree.tree_flatten((args, kwargs))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "torch_version": torch.__version__,
+            "recipe": _recipe_to_json(self.recipe),
+            "algorithm": self.algorithm,
+            "float_bytes": self.float_bytes,
+            "layers": [layer.to_json() for layer in self.layers],
+            "example": _example_to_json(args, kwargs),
+        }
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            (staging / _PROGRAM_FILE).write_bytes(artifact.exported_program)
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging / _WEIGHTS_FILE)
+            save_file(
+                {f"{i}": leaf.detach().contiguous() for i, leaf in enumerate(example_leaves) if isinstance(leaf, torch.Tensor)},
+                staging / _EXAMPLE_FILE,
+            )
+            (staging / _META_FILE).write_text(json.dumps(meta, indent=2))
+            _replace_directory(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> QuantizedModel:
+        directory = Path(directory)
+        meta_path = directory / _META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a qcompile checkpoint (no {_META_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported checkpoint format version {meta.get('format_version')!r}")
+        tensors = load_file(directory / _WEIGHTS_FILE)
+        import qcompile.ops  # noqa: F401  (the program's ops must be registered before it is deserialized)
+
+        program_json = (directory / _PROGRAM_FILE).read_bytes()
+        state_dict, constants = _split_state(program_json, tensors)
+        examples = load_file(directory / _EXAMPLE_FILE)
+        args, kwargs = _example_from_json(meta["example"], examples)
+        artifact = SerializedArtifact(program_json, state_dict, constants, (args, kwargs))
+        program = deserialize(artifact)
+        return cls(
+            program.module(),
+            _recipe_from_json(meta["recipe"]),
+            [LayerReport.from_json(layer) for layer in meta["layers"]],
+            (args, kwargs),
+            meta["algorithm"],
+            meta.get("float_bytes"),
+        )
+
+
+def load(directory: str | os.PathLike) -> QuantizedModel:
+    """Load a checkpoint written by `QuantizedModel.save`."""
+    return QuantizedModel.load(directory)
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move a finished directory into place; an existing checkpoint is swapped out only once the new one is whole."""
+    if target.exists():
+        if not (target / _META_FILE).is_file() and any(target.iterdir()):
+            raise FileExistsError(f"{target} exists and is not a qcompile checkpoint; refusing to overwrite it")
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def _split_state(program_json: bytes, tensors: dict) -> tuple[dict, dict]:
+    """Separate parameters/buffers from lifted constants, as the program's signature names them."""
+    signature = json.loads(program_json)["graph_module"]["signature"]["input_specs"]
+    parameter_names, constant_names = set(), set()
+    for spec in signature:
+        if "parameter" in spec:
+            parameter_names.add(spec["parameter"]["parameter_name"])
+        for kind in ("tensor_constant", "constant_tensor"):
+            if kind in spec:
+                constant_names.add(spec[kind]["tensor_constant_name"])
+    state = {
+        k: nn.Parameter(v, requires_grad=False) if k in parameter_names else v
+        for k, v in tensors.items()
+        if k not in constant_names
+    }
+    constants = {k: v for k, v in tensors.items() if k in constant_names}
+    return state, constants
+
+
+def _recipe_to_json(recipe: Recipe) -> dict:
+    def spec(s: QuantSpec | None):
+        if s is None:
+            return None
+        data = {f: getattr(s, f) for f in ("format", "granularity", "block_size", "dynamic", "symmetric")}
+        if isinstance(data["block_size"], tuple):
+            data["block_size"] = list(data["block_size"])
+        return data
+
+    return {"name": recipe.name, "weights": spec(recipe.weights), "inputs": spec(recipe.inputs),
+            "algorithm": recipe.algorithm, "exclude": list(recipe.exclude), "kv_cache": recipe.kv_cache}
+
+
+def _recipe_from_json(data: dict) -> Recipe:
+    def spec(d):
+        if d is None:
+            return None
+        d = dict(d)
+        if isinstance(d["block_size"], list):
+            d["block_size"] = tuple(d["block_size"])
+        return QuantSpec(**d)
+
+    return Recipe(spec(data["weights"]), spec(data["inputs"]), data["algorithm"], tuple(data["exclude"]),
+                  data["kv_cache"], data["name"])
+
+
+def _example_to_json(args: tuple, kwargs: dict):
+    """The example call's structure; tensors become references into example_inputs.safetensors."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    encoded = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            encoded.append({"tensor": str(i)})
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            encoded.append({"value": leaf})
+        else:
+            raise TypeError(f"cannot store example input of type {type(leaf).__name__}")
+    return {"leaves": encoded, "spec": pytree.treespec_dumps(spec)}
+
+
+def _example_from_json(data: dict, tensors: dict):
+    leaves = [tensors[leaf["tensor"]] if "tensor" in leaf else leaf["value"] for leaf in data["leaves"]]
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(data["spec"]))

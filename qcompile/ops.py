@@ -1,0 +1,122 @@
+"""The `qcompile::` operator library: one op per weight-format family.
+
+Every op takes the activation `x [..., K]`, the stored quantized weight of logical shape `[N, K]` with its scales,
+an optional bias, and a description of how the activation is quantized before the product:
+
+- `input_format`: "none" (weight-only), "int8", "fp8_e4m3" or "nvfp4";
+- `input_granularity`: "tensor", "token" or "block";
+- `input_scale`: the static scale from calibration (for nvfp4, the global scale), or None for a dynamic scale
+  computed on every call.
+
+Each op has a fake (meta) implementation, so quantized graphs export, compile with inductor and translate to ONNX.
+The default implementation is the plain-PyTorch reference in `qcompile.lowering.torch_reference`; device backends
+(Triton) register their own kernels on top with `op.register_kernel(device)`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qcompile.lowering import torch_reference as ref
+
+
+def _output_like(x: Tensor, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("qcompile::int8_linear", mutates_args=())
+def int8_linear(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    input_format: str,
+    input_granularity: str,
+) -> Tensor:
+    """INT8 weight `[N, K]` with per-tensor or per-channel float32 scale."""
+    return ref.int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
+
+
+@int8_linear.register_fake
+def _(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
+    return _output_like(x, weight.shape[0])
+
+
+@torch.library.custom_op("qcompile::fp8_linear", mutates_args=())
+def fp8_linear(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    block_size: int,
+    bias: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    input_format: str,
+    input_granularity: str,
+) -> Tensor:
+    """FP8 E4M3 weight `[N, K]`; scale per tensor, per channel, or per `block_size`² block (block_size > 0)."""
+    return ref.fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity)
+
+
+@fp8_linear.register_fake
+def _(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity):
+    return _output_like(x, weight.shape[0])
+
+
+@torch.library.custom_op("qcompile::int4_linear", mutates_args=())
+def int4_linear(
+    x: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zero_point: Optional[Tensor],
+    group_size: int,
+    bits: int,
+    in_features: int,
+    bias: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    input_format: str,
+    input_granularity: str,
+) -> Tensor:
+    """INT4/INT3 weight in groups along K, two codes per byte; `zero_point` is None when symmetric."""
+    return ref.int4_linear(
+        x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
+    )
+
+
+@int4_linear.register_fake
+def _(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity):
+    return _output_like(x, packed.shape[0])
+
+
+@torch.library.custom_op("qcompile::nvfp4_linear", mutates_args=())
+def nvfp4_linear(
+    x: Tensor,
+    packed: Tensor,
+    block_scale: Tensor,
+    global_scale: Tensor,
+    in_features: int,
+    bias: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    input_format: str,
+    input_granularity: str,
+) -> Tensor:
+    """NVFP4 weight: E2M1 codes two per byte, FP8 E4M3 scale per 16 elements, float32 global scale."""
+    return ref.nvfp4_linear(
+        x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity
+    )
+
+
+@nvfp4_linear.register_fake
+def _(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity):
+    return _output_like(x, packed.shape[0])
+
+
+QUANTIZED_LINEAR_OPS = (
+    torch.ops.qcompile.int8_linear.default,
+    torch.ops.qcompile.fp8_linear.default,
+    torch.ops.qcompile.int4_linear.default,
+    torch.ops.qcompile.nvfp4_linear.default,
+)

@@ -1,0 +1,143 @@
+"""Recipes: what each targeted linear layer becomes.
+
+A `Recipe` names how weights and input activations are quantized and which calibration algorithm runs.
+Presets live in `RECIPES`; variants are derived with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+FORMATS = ("int8", "int4", "int3", "fp8_e4m3", "nvfp4")
+GRANULARITIES = ("tensor", "channel", "token", "group", "block")
+ALGORITHMS = ("max", "smoothquant", "awq", "gptq")
+KV_CACHE_FORMATS = ("fp8", "nvfp4")
+
+# Bits a format spends per element, before its scales.
+ELEMENT_BITS = {"int8": 8, "int4": 4, "int3": 3, "fp8_e4m3": 8, "nvfp4": 4}
+
+# Module names never quantized unless the user says otherwise: the output head and embeddings are small in
+# compute and large in accuracy cost (as in Model Optimizer's default configs).
+DEFAULT_EXCLUDE = ("*lm_head*", "*embed*", "*wte*", "*wpe*")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor (weights or input activations) is quantized."""
+
+    format: str
+    granularity: str = "tensor"
+    block_size: int | tuple[int, int] | None = None
+    dynamic: bool = False
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; valid formats: {', '.join(FORMATS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}; valid granularities: {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity in ("group", "block") and self.block_size is None:
+            raise ValueError(f"granularity {self.granularity!r} needs a block_size")
+        if not self.symmetric and self.format not in ("int4", "int3"):
+            raise ValueError(f"asymmetric quantization is only offered for int4/int3, not {self.format!r}")
+        if self.format == "nvfp4" and self.block_size not in (None, 16):
+            raise ValueError("nvfp4 uses blocks of 16 elements")
+
+    @property
+    def bits(self) -> int:
+        return ELEMENT_BITS[self.format]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Weights and input-activation specs for every targeted linear, plus the calibration algorithm."""
+
+    weights: QuantSpec
+    inputs: QuantSpec | None = None
+    algorithm: str = "max"
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    kv_cache: str | None = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
+            raise ValueError(f"unknown kv_cache {self.kv_cache!r}; valid values: None, {', '.join(KV_CACHE_FORMATS)}")
+        if self.weights.dynamic:
+            raise ValueError("weights are quantized once, ahead of time: QuantSpec.dynamic must be False for weights")
+        if self.inputs is not None and self.inputs.format in ("int4", "int3"):
+            raise ValueError("4-bit and 3-bit integer activations are not supported")
+        if isinstance(self.exclude, (list, str)):
+            object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation scales come from data; so do the scales of every algorithm but plain max."""
+        return (self.inputs is not None and not self.inputs.dynamic) or self.algorithm != "max"
+
+    @property
+    def static_inputs(self) -> bool:
+        return self.inputs is not None and not self.inputs.dynamic
+
+    def excludes(self, layer_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(layer_name, pattern) for pattern in self.exclude)
+
+
+def _int4_groups(fmt: str = "int4") -> QuantSpec:
+    return QuantSpec(fmt, "group", block_size=128)
+
+
+_FP8_TENSOR = QuantSpec("fp8_e4m3", "tensor")
+_NVFP4 = QuantSpec("nvfp4", "block", block_size=16)
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(_FP8_TENSOR, _FP8_TENSOR, "max", name="fp8"),
+        Recipe(QuantSpec("fp8_e4m3", "channel"), QuantSpec("fp8_e4m3", "token", dynamic=True), "max", name="fp8_dynamic"),
+        Recipe(QuantSpec("fp8_e4m3", "block", block_size=(128, 128)), None, "max", name="fp8_block"),
+        Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "tensor"), "smoothquant", name="int8_sq"),
+        Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "token", dynamic=True), "max", name="int8_dynamic"),
+        Recipe(_int4_groups(), None, "awq", name="int4_awq"),
+        Recipe(_int4_groups(), _FP8_TENSOR, "awq", name="w4a8_awq"),
+        Recipe(_NVFP4, QuantSpec("nvfp4", "block", block_size=16, dynamic=False), "max", name="nvfp4"),
+        Recipe(_NVFP4, None, "max", name="nvfp4_weight_only"),
+        Recipe(_int4_groups(), None, "gptq", name="int4_gptq"),
+    )
+}
+
+
+def resolve_recipe(recipe: str | Recipe, **overrides) -> Recipe:
+    """A preset name or a Recipe, with optional field overrides (e.g. exclude=...)."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
+        recipe = RECIPES[recipe]
+    elif not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a preset name or a qcompile.Recipe, not {type(recipe).__name__}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "exclude" in overrides:
+        overrides["exclude"] = tuple(overrides["exclude"])
+    return dataclasses.replace(recipe, **overrides) if overrides else recipe
+
+
+def weight_bits_per_element(spec: QuantSpec, in_features: int) -> float:
+    """Storage bits per weight element, scales included (what `report()` calls bits/weight)."""
+    bits = float(spec.bits)
+    if spec.format == "nvfp4":
+        return bits + 8 / 16  # one FP8 block scale per 16 elements; the global scale is negligible
+    if spec.granularity == "group":
+        group = spec.block_size if isinstance(spec.block_size, int) else spec.block_size[-1]
+        scale_bits = 32 + (0 if spec.symmetric else 8)
+        return bits + scale_bits / group
+    if spec.granularity == "block":
+        rows, cols = spec.block_size if isinstance(spec.block_size, tuple) else (spec.block_size,) * 2
+        return bits + 32 / (rows * cols)
+    if spec.granularity == "channel":
+        return bits + 32 / max(in_features, 1)
+    return bits
