@@ -30,8 +30,27 @@ OPTIONS = {
 }
 COMPILERS = ("inductor", "eager")
 
-# Calibrated input amax, keyed by the weight the observed linear multiplies with.
-_INPUT_AMAX: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class _CompileState:
+    """What the subgraphs of one `torch.compile` call share: calibrated input amax, keyed by weight tensor.
+
+    torch.compile hands the same `options` dict to every backend call it makes, so the dict identifies the call.
+    """
+
+    def __init__(self, options: dict | None):
+        self.options = options  # held so that its id stays unique while this state lives
+        self.input_amax: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+_STATES: dict[int, _CompileState] = {}
+
+
+def _state_for(options: dict | None) -> _CompileState:
+    key = id(options)
+    if key not in _STATES or _STATES[key].options is not options:
+        _STATES[key] = _CompileState(options)
+    return _STATES[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +77,16 @@ class BackendOptions:
 class QuantizedGraph:
     """One dynamo subgraph: observed until calibrated (static recipes), then quantized and compiled."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, sites: list[LinearSite], options: BackendOptions):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list,
+        sites: list[LinearSite],
+        options: BackendOptions,
+        state: _CompileState,
+    ):
         self.gm = gm
+        self.state = state
         self.example_inputs = example_inputs
         self.sites = sites
         self.options = options
@@ -69,19 +96,22 @@ class QuantizedGraph:
         if options.recipe.static_inputs and not self._has_statistics():
             self._observers = insert_observers(gm, sites)
         else:
-            self._convert({site.name: _INPUT_AMAX.get(site.source) for site in sites})
+            self._convert({site.name: self.state.input_amax.get(site.source) for site in sites})
 
     def _has_statistics(self) -> bool:
-        return all(site.source in _INPUT_AMAX for site in self.sites)
+        return all(site.source in self.state.input_amax for site in self.sites)
 
     def _convert(self, input_amax: dict) -> None:
         self.layers = quantize_linears(self.gm, self.sites, self.options.recipe, input_amax)
         if self.options.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            self._run = compile_fx(self.gm, self.example_inputs)
+            # A fresh module without dynamo's metadata: the quantized buffers are new attributes dynamo never saw.
+            with torch.no_grad():
+                compiled = compile_fx(fx.GraphModule(self.gm, self.gm.graph), self.example_inputs)
         else:
-            self._run = self.gm.forward
+            compiled = self.gm.forward
+        self._run = torch.no_grad()(compiled)  # quantized graphs are for inference: no autograd formulas
 
     def finish_calibration(self) -> None:
         if self._run is not None:
@@ -91,9 +121,9 @@ class QuantizedGraph:
             observer = self._observers[site.name]
             if observer.amax is None:
                 raise ValueError(f"layer {site.name!r} saw no calibration data inside qcompile.calibrate()")
-            previous = _INPUT_AMAX.get(site.source)
+            previous = self.state.input_amax.get(site.source)
             value = observer.amax if previous is None else torch.maximum(previous, observer.amax)
-            _INPUT_AMAX[site.source] = value
+            self.state.input_amax[site.source] = value
             amax[site.name] = value
         remove_observers(self.gm)
         self._observers = None
@@ -118,7 +148,7 @@ class QuantizedGraph:
     def finish_calibration_from_registry(self) -> None:
         remove_observers(self.gm)
         self._observers = None
-        self._convert({site.name: _INPUT_AMAX[site.source] for site in self.sites})
+        self._convert({site.name: self.state.input_amax[site.source] for site in self.sites})
 
 
 def quant_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs):
@@ -133,7 +163,7 @@ def quant_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, A
     sites = [site for site in find_linears(gm, parameters) if not parsed.recipe.excludes(site.name)]
     if not sites:
         return gm.forward
-    return QuantizedGraph(gm, example_inputs, sites, parsed)
+    return QuantizedGraph(gm, example_inputs, sites, parsed, _state_for(options))
 
 
 __all__ = ["OPTIONS", "RECIPES", "quant_backend"]
