@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental import _config as fx_config
 from torch.utils import _pytree as pytree
 
 
@@ -33,8 +34,12 @@ def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-    """torch.export (non-strict) with every tensor dimension dynamic; `aten.linear` stays undecomposed."""
-    with torch.no_grad():
+    """torch.export (non-strict) with every tensor dimension dynamic; `aten.linear` stays undecomposed.
+
+    Size-oblivious reasoning keeps a size-1 example dimension (batch 1 is the usual example) dynamic instead of
+    specializing the program to it.
+    """
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         return torch.export.export(
             model, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes_for(model, args, kwargs), strict=False
         )

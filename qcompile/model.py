@@ -47,7 +47,15 @@ class QuantizedModel(nn.Module):
         self._example = example
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        except AssertionError as error:
+            if "Guard failed" not in str(error):
+                raise
+            raise ValueError(
+                f"these inputs fall outside the shapes the model was captured for ({error}); the model's own code "
+                "branches on this size, so quantize again with example inputs of this shape"
+            ) from error
 
     @property
     def model_bytes(self) -> int:
