@@ -150,6 +150,12 @@ def find_linears(gm: fx.GraphModule, placeholder_values: Mapping[str, Tensor] | 
     return sites
 
 
+def refresh_input(site: LinearSite) -> None:
+    """Re-read the activation operand after an earlier rewrite replaced the node that produced it."""
+    if site.input not in site.node.all_input_nodes:
+        site.input = site.node.args[1] if site.node.target in _ADDMM else site.node.args[0]
+
+
 def _deduplicate_names(sites: list[LinearSite]) -> None:
     """A weight used twice (tied, or a reused module) gives two sites; keep names unique for reports and files."""
     seen: dict[str, int] = {}

@@ -11,17 +11,56 @@ OBSERVER_PREFIX = "_qcompile_observer_"
 
 
 class ActivationObserver(nn.Module):
-    """Records the running max of |x| over calibration batches, per tensor and per input channel.
+    """Records, over calibration batches, the max of |x| per tensor and per input channel, the mean of |x| per
+    channel, and (when asked) a fixed-size sample of input rows.
 
-    The per-channel statistic is what SmoothQuant and AWQ read; the per-tensor one gives static scales.
+    Static scales read the per-tensor max; SmoothQuant the per-channel max; AWQ the per-channel mean; the scale
+    searches measure output error on the sampled rows.
     """
 
-    def __init__(self, layer_name: str):
+    def __init__(self, layer_name: str, keep_rows: int = 0):
         super().__init__()
         self.layer_name = layer_name
+        self.keep_rows = keep_rows
         self.amax: Tensor | None = None
         self.channel_amax: Tensor | None = None
+        self.channel_abs_sum: Tensor | None = None
+        self.rows_seen = 0
+        self.samples: list[Tensor] = []
         self.batches = 0
+        self._generator = torch.Generator().manual_seed(0)
+
+    @property
+    def channel_abs_mean(self) -> Tensor | None:
+        return None if self.channel_abs_sum is None else self.channel_abs_sum / max(self.rows_seen, 1)
+
+    @property
+    def sample(self) -> Tensor | None:
+        """Kept input rows `[rows, in_features]` (float32), or None if none were kept."""
+        return torch.cat(self.samples)[: self.keep_rows] if self.samples else None
+
+    def merge(self, other: ActivationObserver) -> ActivationObserver:
+        """Fold another observer of the same layer (another graph that saw other batches) into this one."""
+        if other.channel_amax is not None:
+            if self.channel_amax is None:
+                self.channel_amax, self.channel_abs_sum = other.channel_amax, other.channel_abs_sum
+            else:
+                self.channel_amax = torch.maximum(self.channel_amax, other.channel_amax)
+                self.channel_abs_sum = self.channel_abs_sum + other.channel_abs_sum
+            self.amax = self.channel_amax.amax()
+        self.rows_seen += other.rows_seen
+        self.batches += other.batches
+        self.samples = (self.samples + other.samples)
+        return self
+
+    def _keep(self, flat: Tensor) -> None:
+        room = self.keep_rows - sum(len(s) for s in self.samples)
+        if room <= 0 or not len(flat):
+            return
+        # An even spread over the batches: each batch gives at most its share of rows, chosen at random.
+        take = min(room, len(flat), max(1, self.keep_rows // 8))
+        index = torch.randperm(len(flat), generator=self._generator)[:take].to(flat.device)
+        self.samples.append(flat[index].clone())
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -31,21 +70,31 @@ class ActivationObserver(nn.Module):
                     f"calibration data gives NaN or inf in the input of layer {self.layer_name!r}; "
                     "check the calibration batches (and the model's float output on them)"
                 )
-            channel_amax = flat.abs().amax(dim=0) if flat.numel() else flat.new_zeros(x.shape[-1])
+            magnitude = flat.abs()
+            channel_amax = magnitude.amax(dim=0) if flat.numel() else flat.new_zeros(x.shape[-1])
+            channel_sum = magnitude.sum(dim=0)
             if self.channel_amax is None:
-                self.channel_amax = channel_amax
+                self.channel_amax, self.channel_abs_sum = channel_amax, channel_sum
             else:
-                self.channel_amax = torch.maximum(self.channel_amax, channel_amax.to(self.channel_amax.device))
+                self.channel_amax = torch.maximum(self.channel_amax, channel_amax)
+                self.channel_abs_sum = self.channel_abs_sum + channel_sum
             self.amax = self.channel_amax.amax()
+            self.rows_seen += len(flat)
             self.batches += 1
+            self._keep(flat)
         return x
 
 
-def insert_observers(gm: fx.GraphModule, sites: list[LinearSite]) -> dict[str, ActivationObserver]:
-    """Route the input of each site through an observer submodule; returns observers by layer name."""
+def insert_observers(
+    gm: fx.GraphModule, sites: list[LinearSite], keep_rows: int = 0
+) -> dict[str, ActivationObserver]:
+    """Route the input of each site through an observer submodule; returns observers by layer name.
+
+    `keep_rows` > 0 keeps that many sampled input rows per layer, for the algorithms that search scales.
+    """
     observers = {}
     for index, site in enumerate(sites):
-        observer = ActivationObserver(site.name)
+        observer = ActivationObserver(site.name, keep_rows)
         target = f"{OBSERVER_PREFIX}{index}"
         gm.add_submodule(target, observer)
         with gm.graph.inserting_before(site.node):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx
 
 from qcompile import numerics
-from qcompile.passes.find_linears import LinearSite
+from qcompile.passes.find_linears import LinearSite, refresh_input
 from qcompile.recipes import QuantSpec, Recipe
 
 # Largest representable magnitude per activation format, for static scales: scale = amax / QMAX.
@@ -101,6 +101,11 @@ def _quantize_weight(weight: Tensor, spec: QuantSpec) -> tuple[dict[str, Tensor]
     raise NotImplementedError(f"no weight quantization for format {spec.format!r}")
 
 
+def fake_quantize_weight(weight: Tensor, spec: QuantSpec) -> Tensor:
+    """The weight as the recipe stores it, dequantized to float32 (for the algorithms' error searches)."""
+    return _quantize_weight(weight, spec)[2]
+
+
 _OP_FOR_FORMAT = {
     "int8": torch.ops.qcompile.int8_linear.default,
     "fp8_e4m3": torch.ops.qcompile.fp8_linear.default,
@@ -139,6 +144,7 @@ def quantize_linears(
     input_amax = input_amax or {}
     reports = []
     for site in sites:
+        refresh_input(site)
         numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
         tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights)
         prefix = _attribute_prefix(site.name)

@@ -7,7 +7,8 @@ The ahead-of-time pipeline, top to bottom (`quantize` below):
 3. find the quantizable linears in the graph (`qcompile.passes.find_linears`);
 4. if the recipe needs data, insert observers and run the calibration batches (`qcompile.passes.insert_observers`,
    `qcompile.calibration`);
-5. rewrite each linear into a `qcompile::` op holding packed quantized weights (`qcompile.passes.quantize_linears`);
+5. run the recipe's calibration algorithm (SmoothQuant folds its scales into the graph: `qcompile.passes.smoothquant`)
+   and rewrite each linear into a `qcompile::` op holding packed quantized weights (`qcompile.passes.quantize_linears`);
    the ops are defined in `qcompile.ops` and implemented in `qcompile.lowering`;
 6. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`.
 
@@ -25,10 +26,11 @@ from torch import nn
 from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
 from qcompile.calibration import calibrate, first_batch, run_calibration
 from qcompile.capture import capture
+from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep
 from qcompile.model import QuantizedModel, load
+from qcompile.lowering.onnx import export_onnx
 from qcompile.passes.find_linears import find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
-from qcompile.passes.quantize_linears import quantize_linears
 from qcompile.recipes import RECIPES, QuantSpec, Recipe, resolve_recipe
 
 __all__ = [
@@ -37,21 +39,12 @@ __all__ = [
     "QuantizedModel",
     "Recipe",
     "calibrate",
+    "export_onnx",
     "load",
     "numerics",
     "quantize",
 ]
 __version__ = "0.1.0"
-
-# Algorithms implemented so far; the others run plain max calibration and say so in the report.
-IMPLEMENTED_ALGORITHMS = ("max",)
-
-
-def algorithm_that_runs(recipe: Recipe) -> str:
-    if recipe.algorithm in IMPLEMENTED_ALGORITHMS:
-        return recipe.algorithm
-    return f"max ({recipe.algorithm} not available yet)"
-
 
 def quantize(
     model: nn.Module,
@@ -85,18 +78,16 @@ def quantize(
         )
         return model
 
-    input_amax = {}
-    if recipe.static_inputs:
-        observers = insert_observers(graph, sites)
+    for site in sites:  # a bad weight is named as such, before calibration runs it through the model
+        numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
+    observers = None
+    if needs_calibration(recipe):
+        observers = insert_observers(graph, sites, keep_rows=rows_to_keep(recipe))
         run_calibration(graph, calib, progress=progress)
-        for name, observer in observers.items():
-            if observer.amax is None:
-                raise ValueError(f"layer {name!r} saw no calibration data: the forward loop never reached it")
-            input_amax[name] = observer.amax
         remove_observers(graph)
 
     float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    layers = quantize_linears(graph, sites, recipe, input_amax)
+    layers = convert(graph, sites, recipe, observers)
     return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes)
 
 

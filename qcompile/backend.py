@@ -2,13 +2,15 @@
 
 Registered through the `torch_dynamo_backends` entry point, so no import is needed. Dynamo hands each captured
 subgraph (one per graph break) to `quant_backend`, with parameters as placeholders whose example inputs are the
-`nn.Parameter`s. Weight-only and dynamic recipes are converted at once. Static recipes start observed: inside
-`qcompile.calibrate(compiled)` the graph runs in float and records activation ranges, and on exit it is converted.
-The statistics are kept per weight tensor, so a graph compiled later for a new input shape is converted at once.
+`nn.Parameter`s. Weight-only and dynamic recipes are converted at once. Recipes that need data (static activation
+scales, SmoothQuant) start observed: inside `qcompile.calibrate(compiled)` the graph runs in float and records
+activation statistics, and on exit it is converted. The statistics are kept per weight tensor, so a graph compiled
+later for a new input shape is converted at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -17,10 +19,11 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from qcompile import calibration
+from qcompile import calibration, numerics
 from qcompile.passes.find_linears import LinearSite, find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
-from qcompile.passes.quantize_linears import LayerReport, quantize_linears
+from qcompile.convert import convert, needs_calibration, rows_to_keep
+from qcompile.passes.quantize_linears import LayerReport
 from qcompile.recipes import RECIPES, Recipe, resolve_recipe
 
 OPTIONS = {
@@ -33,14 +36,14 @@ COMPILERS = ("inductor", "eager")
 
 
 class _CompileState:
-    """What the subgraphs of one `torch.compile` call share: calibrated input amax, keyed by weight tensor.
+    """What the subgraphs of one `torch.compile` call share: calibration observers, keyed by weight tensor.
 
     torch.compile hands the same `options` dict to every backend call it makes, so the dict identifies the call.
     """
 
     def __init__(self, options: dict | None):
         self.options = options  # held so that its id stays unique while this state lives
-        self.input_amax: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.observers: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 _STATES: dict[int, _CompileState] = {}
@@ -75,13 +78,14 @@ class BackendOptions:
 
 
 class QuantizedGraph:
-    """One dynamo subgraph: observed until calibrated (static recipes), then quantized and compiled."""
+    """One dynamo subgraph: observed until calibrated (when the recipe needs data), then quantized and compiled."""
 
     def __init__(
         self,
         gm: fx.GraphModule,
         example_inputs: list,
         sites: list[LinearSite],
+        parameters: dict[str, torch.Tensor],
         options: BackendOptions,
         state: _CompileState,
     ):
@@ -89,66 +93,73 @@ class QuantizedGraph:
         self.state = state
         self.example_inputs = example_inputs
         self.sites = sites
+        self.parameters = parameters
         self.options = options
         self.layers: list[LayerReport] = []
         self._run = None
         self._observers = None
-        if options.recipe.static_inputs and not self._has_statistics():
-            self._observers = insert_observers(gm, sites)
+        # Dynamo's tracing context (fake mode, symbolic shapes) for this graph: a static recipe compiles after
+        # calibration, outside the backend call, and without it inductor would specialize a dynamic graph to the
+        # concrete shapes of example_inputs.
+        self._tracing_context = torch._guards.TracingContext.try_get()
+        if needs_calibration(options.recipe) and not self._has_statistics():
+            self._observers = insert_observers(gm, sites, keep_rows=rows_to_keep(options.recipe))
         else:
-            self._convert({site.name: self.state.input_amax.get(site.source) for site in sites})
+            self._convert()
 
     def _has_statistics(self) -> bool:
-        return all(site.source in self.state.input_amax for site in self.sites)
+        return all(site.source in self.state.observers for site in self.sites)
 
-    def _convert(self, input_amax: dict) -> None:
-        self.layers = quantize_linears(self.gm, self.sites, self.options.recipe, input_amax)
+    def _convert(self) -> None:
+        observers = None
+        if needs_calibration(self.options.recipe):
+            observers = {site.name: self.state.observers[site.source] for site in self.sites}
+        self.layers = convert(self.gm, self.sites, self.options.recipe, observers, self.parameters)
         if self.options.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
             # A fresh module without dynamo's metadata: the quantized buffers are new attributes dynamo never saw.
-            with torch.no_grad():
+            context = self._tracing_context if torch._guards.TracingContext.try_get() is None else None
+            with torch.no_grad(), torch._guards.tracing(context) if context is not None else contextlib.nullcontext():
                 compiled = compile_fx(fx.GraphModule(self.gm, self.gm.graph), self.example_inputs)
         else:
             compiled = self.gm.forward
         self._run = torch.no_grad()(compiled)  # quantized graphs are for inference: no autograd formulas
 
     def finish_calibration(self) -> None:
+        """Called by `qcompile.calibrate` on exit: keep the statistics, drop the observers, convert."""
         if self._run is not None:
             return
-        amax = {}
         for site in self.sites:
             observer = self._observers[site.name]
             if observer.amax is None:
                 raise ValueError(f"layer {site.name!r} saw no calibration data inside qcompile.calibrate()")
-            previous = self.state.input_amax.get(site.source)
-            value = observer.amax if previous is None else torch.maximum(previous, observer.amax)
-            self.state.input_amax[site.source] = value
-            amax[site.name] = value
+            previous = self.state.observers.get(site.source)
+            self.state.observers[site.source] = observer if previous is None else previous.merge(observer)
+        self._drop_observers_and_convert()
+
+    def _drop_observers_and_convert(self) -> None:
         remove_observers(self.gm)
         self._observers = None
-        self._convert(amax)
+        self._convert()
 
     def __call__(self, *args):
         if self._run is not None:
             return self._run(*args)
         session = calibration.active_session()
         if session is None:
-            if self._has_statistics():  # calibrated through another graph of the same model
-                self.finish_calibration_from_registry()
+            if self._has_statistics():  # calibrated through another graph of the same compiled model
+                self._drop_observers_and_convert()
                 return self._run(*args)
+            recipe = self.options.recipe
+            why = "has static activation scales" if recipe.static_inputs else f"runs {recipe.algorithm} on calibration data"
             raise RuntimeError(
-                f"recipe {self.options.recipe.name!r} has static activation scales and this model was never "
-                "calibrated: run calibration batches inside `with qcompile.calibrate(compiled): ...` first"
+                f"recipe {recipe.name!r} {why} and this model was never calibrated: run calibration batches inside "
+                "`with qcompile.calibrate(compiled): ...` first"
             )
         session.observe(self)
         with torch.no_grad():
             return self.gm(*args)
-
-    def finish_calibration_from_registry(self) -> None:
-        remove_observers(self.gm)
-        self._observers = None
-        self._convert({site.name: self.state.input_amax[site.source] for site in self.sites})
 
 
 def quant_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs):
@@ -163,7 +174,9 @@ def quant_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, A
     sites = [site for site in find_linears(gm, parameters) if not parsed.recipe.excludes(site.name)]
     if not sites:
         return gm.forward
-    return QuantizedGraph(gm, example_inputs, sites, parsed, _state_for(options))
+    for site in sites:  # a bad weight is named as such, before calibration runs it through the model
+        numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
+    return QuantizedGraph(gm, example_inputs, sites, parameters, parsed, _state_for(options))
 
 
 __all__ = ["OPTIONS", "RECIPES", "quant_backend"]

@@ -45,6 +45,16 @@ class QuantizedModel(nn.Module):
         self.algorithm = algorithm
         self.float_bytes = float_bytes
         self._example = example
+        # Inference only (the qcompile:: ops have no autograd formulas): leftover float parameters (biases, norms)
+        # must not require grad, or torch.compile(qm) traces a backward and fails. Rebind detached copies (same
+        # storage, ties kept) instead of flipping requires_grad on parameters shared with the caller's model.
+        frozen: dict[int, nn.Parameter] = {}
+        for module in graph_module.modules():
+            for key, param in list(module._parameters.items()):
+                if param is not None and param.requires_grad:
+                    if id(param) not in frozen:
+                        frozen[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
+                    module._parameters[key] = frozen[id(param)]
 
     def forward(self, *args, **kwargs):
         try:
@@ -111,7 +121,14 @@ class QuantizedModel(nn.Module):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             (staging / _PROGRAM_FILE).write_bytes(artifact.exported_program)
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, staging / _WEIGHTS_FILE)
+            # safetensors refuses tensors that share memory (tied embeddings/lm_head): store a copy of each repeat.
+            stored, storages = {}, set()
+            for k, v in tensors.items():
+                v = v.detach().contiguous()
+                ptr = v.untyped_storage().data_ptr()
+                stored[k] = v.clone() if ptr in storages else v
+                storages.add(ptr)
+            save_file(stored, staging / _WEIGHTS_FILE)
             save_file(
                 {f"{i}": leaf.detach().contiguous() for i, leaf in enumerate(example_leaves) if isinstance(leaf, torch.Tensor)},
                 staging / _EXAMPLE_FILE,
@@ -179,6 +196,9 @@ def _split_state(program_json: bytes, tensors: dict) -> tuple[dict, dict]:
         for kind in ("tensor_constant", "constant_tensor"):
             if kind in spec:
                 constant_names.add(spec[kind]["tensor_constant_name"])
+        if "buffer" in spec and not spec["buffer"].get("persistent", True):
+            # non-persistent buffers (e.g. rotary inv_freq) live in the program's constants, not its state dict
+            constant_names.add(spec["buffer"]["buffer_name"])
     state = {
         k: nn.Parameter(v, requires_grad=False) if k in parameter_names else v
         for k, v in tensors.items()
@@ -198,7 +218,8 @@ def _recipe_to_json(recipe: Recipe) -> dict:
         return data
 
     return {"name": recipe.name, "weights": spec(recipe.weights), "inputs": spec(recipe.inputs),
-            "algorithm": recipe.algorithm, "exclude": list(recipe.exclude), "kv_cache": recipe.kv_cache}
+            "algorithm": recipe.algorithm, "exclude": list(recipe.exclude), "kv_cache": recipe.kv_cache,
+            "alpha": recipe.alpha}
 
 
 def _recipe_from_json(data: dict) -> Recipe:
@@ -211,7 +232,7 @@ def _recipe_from_json(data: dict) -> Recipe:
         return QuantSpec(**d)
 
     return Recipe(spec(data["weights"]), spec(data["inputs"]), data["algorithm"], tuple(data["exclude"]),
-                  data["kv_cache"], data["name"])
+                  data["kv_cache"], data["name"], data.get("alpha", 0.5))
 
 
 def _example_to_json(args: tuple, kwargs: dict):

@@ -62,23 +62,22 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     kv_cache: str | None = None
     name: str = "custom"
+    # SmoothQuant migration strength in [0, 1], or "search" to pick it per layer by output error.
+    alpha: float | str = 0.5
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
             raise ValueError(f"unknown kv_cache {self.kv_cache!r}; valid values: None, {', '.join(KV_CACHE_FORMATS)}")
+        if self.alpha != "search" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be a number in [0, 1] or 'search', not {self.alpha!r}")
         if self.weights.dynamic:
             raise ValueError("weights are quantized once, ahead of time: QuantSpec.dynamic must be False for weights")
         if self.inputs is not None and self.inputs.format in ("int4", "int3"):
             raise ValueError("4-bit and 3-bit integer activations are not supported")
         if isinstance(self.exclude, (list, str)):
             object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Static activation scales come from data; so do the scales of every algorithm but plain max."""
-        return (self.inputs is not None and not self.inputs.dynamic) or self.algorithm != "max"
 
     @property
     def static_inputs(self) -> bool:
@@ -101,7 +100,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(_FP8_TENSOR, _FP8_TENSOR, "max", name="fp8"),
         Recipe(QuantSpec("fp8_e4m3", "channel"), QuantSpec("fp8_e4m3", "token", dynamic=True), "max", name="fp8_dynamic"),
         Recipe(QuantSpec("fp8_e4m3", "block", block_size=(128, 128)), None, "max", name="fp8_block"),
-        Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "tensor"), "smoothquant", name="int8_sq"),
+        Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "tensor"), "smoothquant", name="int8_sq", alpha="search"),
         Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "token", dynamic=True), "max", name="int8_dynamic"),
         Recipe(_int4_groups(), None, "awq", name="int4_awq"),
         Recipe(_int4_groups(), _FP8_TENSOR, "awq", name="w4a8_awq"),

@@ -1,0 +1,223 @@
+"""SmoothQuant: migrate activation outliers into the weights before quantizing both.
+
+For the linears that read one tensor x (q/k/v, gate/up), per input channel j:
+
+    s_j = amax(x_j)^alpha / amax(W[:, j])^(1 - alpha)        x' = x / s,   W' = W * s
+
+so x' W'^T = x W^T while x' has flatter channels. The division by s is folded into the producer of x, found in
+the graph: a LayerNorm's weight and bias, an elementwise multiply by a constant vector (the RMSNorm weight), or
+the output rows of a preceding linear, whichever feeds only the smoothed linears. Where none applies, an explicit
+`mul` stays in the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from qcompile.passes.find_linears import LinearSite, constant_tensor
+from qcompile.passes.insert_observers import ActivationObserver
+
+aten = torch.ops.aten
+
+ALPHA_GRID = tuple(i / 10 for i in range(0, 11))
+_SCALE_RANGE = (1e-4, 1e4)
+_LAYER_NORM = {aten.layer_norm.default, F.layer_norm, torch.layer_norm}
+_MUL = {aten.mul.Tensor, torch.mul, operator.mul}
+_LINEAR_BIAS_INDEX = {aten.linear.default: 2, F.linear: 2, torch._C._nn.linear: 2}
+
+
+def shared_input_groups(sites: list[LinearSite]) -> list[list[LinearSite]]:
+    """Sites grouped by the tensor they read, in graph order: one smoothing scale per group."""
+    groups: dict[fx.Node, list[LinearSite]] = {}
+    for site in sites:
+        groups.setdefault(site.input, []).append(site)
+    return list(groups.values())
+
+
+def smoothing_scale(input_amax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
+    """s_j = amax_x^alpha / amax_w^(1-alpha), 1 where either side is zero, clamped to a sane range."""
+    weight_amax = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    input_amax = input_amax.float()
+    scale = input_amax.clamp(min=1e-8).pow(alpha) / weight_amax.clamp(min=1e-8).pow(1.0 - alpha)
+    scale = torch.where((input_amax > 0) & (weight_amax > 0), scale, torch.ones_like(scale))
+    return scale.clamp(*_SCALE_RANGE)
+
+
+def search_alpha(
+    sample: Tensor,
+    input_amax: Tensor,
+    weights: list[Tensor],
+    fake_quantize_weight: Callable[[Tensor], Tensor],
+    fake_quantize_input: Callable[[Tensor, Tensor], Tensor],
+    grid: tuple[float, ...] = ALPHA_GRID,
+) -> float | None:
+    """The alpha whose smoothed, quantized product is closest to the float product on sampled inputs.
+
+    None (no smoothing) competes too: on layers without outlier channels smoothing only costs accuracy.
+    """
+    sample = sample.float()
+    references = [sample @ w.float().t() for w in weights]
+    best_alpha, best_error = None, float("inf")
+    for alpha in (None, *grid):
+        scale = torch.ones_like(input_amax, dtype=torch.float32) if alpha is None else smoothing_scale(input_amax, weights, alpha)
+        smoothed = sample / scale
+        quantized_input = fake_quantize_input(smoothed, (input_amax / scale).amax())
+        error = sum(
+            (quantized_input @ fake_quantize_weight(w.float() * scale).t() - ref).pow(2).sum().item()
+            for w, ref in zip(weights, references)
+        )
+        if error < best_error:
+            best_alpha, best_error = alpha, error
+    return best_alpha
+
+
+def smooth_linears(
+    gm: fx.GraphModule,
+    sites: list[LinearSite],
+    observers: Mapping[str, ActivationObserver],
+    alpha: float | None,
+    fake_quantize_weight: Callable[[Tensor], Tensor] | None = None,
+    fake_quantize_input: Callable[[Tensor, Tensor], Tensor] | None = None,
+    placeholder_values: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Smooth every shared-input group; returns the new per-layer input amax.
+
+    `site.weight` becomes the smoothed weight (the quantization pass reads it) and the graph is rewritten so its
+    float function is unchanged. `alpha=None` searches alpha per group on the observers' sampled rows, measuring
+    the error with the two fake-quantizers.
+    """
+    placeholder_values = placeholder_values or {}
+    by_node = {site.node: site for site in sites}
+    new_amax: dict[str, Tensor] = {}
+    for index, group in enumerate(shared_input_groups(sites)):
+        observer = observers[group[0].name]
+        weights = [site.weight for site in group]
+        group_alpha = alpha
+        if group_alpha is None:
+            if observer.sample is None or fake_quantize_weight is None or fake_quantize_input is None:
+                raise ValueError("alpha search needs sampled calibration rows and the recipe's fake-quantizers")
+            group_alpha = search_alpha(observer.sample, observer.channel_amax, weights, fake_quantize_weight,
+                                       fake_quantize_input)
+            if group_alpha is None:  # smoothing loses here: leave the group as it is
+                for site in group:
+                    new_amax[site.name] = observer.amax
+                continue
+        scale = smoothing_scale(observer.channel_amax, weights, group_alpha)
+        _divide_producer(gm, group, scale, by_node, placeholder_values, f"_qc_smooth_{index}")
+        for site in group:
+            site.weight = (site.weight.detach().float() * scale).to(site.weight.dtype)
+            new_amax[site.name] = (observer.channel_amax.float() / scale).amax()
+    gm.graph.lint()
+    gm.recompile()
+    return new_amax
+
+
+def _divide_producer(gm, group, scale, by_node, placeholder_values, prefix) -> None:
+    """Make the group's shared input x become x / scale, folding into its producer where the graph allows."""
+    producer = group[0].input
+    only_feeds_group = set(producer.users) <= {site.node for site in group}
+    if only_feeds_group and _fold_into_norm(gm, producer, scale, placeholder_values, prefix):
+        return
+    if only_feeds_group:
+        previous = _producing_linear(producer, by_node)
+        if previous is not None:
+            _fold_into_linear(gm, previous, scale, placeholder_values, prefix)
+            return
+    inverse = _constant_node(gm, f"{prefix}_inverse_scale", (1.0 / scale), group[0].node)
+    with gm.graph.inserting_before(_first_in_graph(gm, [site.node for site in group])):
+        divided = gm.graph.call_function(aten.mul.Tensor, (producer, inverse))
+    divided.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "tensor_meta")})
+    for site in group:
+        site.node.replace_input_with(producer, divided)
+        site.input = divided
+
+
+def _producing_linear(producer: fx.Node, by_node) -> LinearSite | None:
+    """The linear whose output rows can absorb the scale: x itself, or one factor of x = a * linear(...)
+    (the up projection of a gated MLP), provided that linear feeds nothing else."""
+    if producer in by_node:
+        return by_node[producer]
+    if producer.op == "call_function" and producer.target in _MUL and len(producer.args) == 2:
+        for factor in producer.args:
+            other = producer.args[1] if factor is producer.args[0] else producer.args[0]
+            if factor in by_node and set(factor.users) == {producer} and isinstance(other, fx.Node) and other is not factor:
+                return by_node[factor]
+    return None
+
+
+def _first_in_graph(gm, nodes):
+    wanted = set(nodes)
+    return next(node for node in gm.graph.nodes if node in wanted)
+
+
+def _constant_node(gm: fx.GraphModule, name: str, value: Tensor, before: fx.Node) -> fx.Node:
+    gm.register_buffer(name, value.detach().contiguous())
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def _replace_constant_arg(gm, node, position, key, value, prefix, role) -> None:
+    constant = _constant_node(gm, f"{prefix}_{role}", value, node)
+    if key is not None and key in node.kwargs:
+        node.update_kwarg(key, constant)
+    else:
+        node.update_arg(position, constant)
+
+
+def _arg(node: fx.Node, position: int, key: str):
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(key)
+
+
+def _fold_into_norm(gm, producer: fx.Node, scale: Tensor, placeholder_values, prefix) -> bool:
+    if producer.op != "call_function":
+        return False
+    if producer.target in _LAYER_NORM:
+        weight_arg, bias_arg = _arg(producer, 2, "weight"), _arg(producer, 3, "bias")
+        weight = constant_tensor(gm, weight_arg, placeholder_values) if weight_arg is not None else None
+        bias = constant_tensor(gm, bias_arg, placeholder_values) if bias_arg is not None else None
+        if (weight_arg is not None and weight is None) or (bias_arg is not None and bias is None):
+            return False
+        dtype = weight.dtype if weight is not None else scale.dtype
+        new_weight = (weight.float() if weight is not None else torch.ones_like(scale)) / scale
+        _set_norm_arg(gm, producer, 2, "weight", new_weight.to(dtype), prefix)
+        if bias is not None:
+            _set_norm_arg(gm, producer, 3, "bias", (bias.float() / scale).to(bias.dtype), prefix)
+        return True
+    if producer.target in _MUL and len(producer.args) == 2:
+        for position in (0, 1):
+            value = constant_tensor(gm, producer.args[position], placeholder_values)
+            other = producer.args[1 - position]
+            if value is not None and value.dim() == 1 and value.shape[0] == scale.shape[0] and isinstance(other, fx.Node):
+                _replace_constant_arg(gm, producer, position, None, (value.float() / scale).to(value.dtype), prefix, "norm_weight")
+                return True
+    return False
+
+
+def _set_norm_arg(gm, node, position, key, value, prefix):
+    constant = _constant_node(gm, f"{prefix}_norm_{key}", value, node)
+    if key in node.kwargs:
+        node.update_kwarg(key, constant)
+        return
+    args = list(node.args)
+    while len(args) <= position:
+        args.append(None)
+    args[position] = constant
+    node.args = tuple(args)
+
+
+def _fold_into_linear(gm, previous: LinearSite, scale: Tensor, placeholder_values, prefix) -> None:
+    """Scale the output rows (and bias) of the linear that produces x (or a factor of it)."""
+    if previous.bias is not None:
+        bias = constant_tensor(gm, previous.bias, placeholder_values)
+        index = _LINEAR_BIAS_INDEX.get(previous.node.target, 0)  # addmm keeps its bias first
+        key = "bias" if "bias" in previous.node.kwargs else None
+        _replace_constant_arg(gm, previous.node, index, key, (bias.float() / scale).to(bias.dtype), prefix, "previous_bias")
+        previous.bias = previous.node.kwargs["bias"] if key else previous.node.args[index]
+    previous.weight = (previous.weight.detach().float() / scale[:, None]).to(previous.weight.dtype)
