@@ -120,3 +120,10 @@ QUANTIZED_LINEAR_OPS = (
     torch.ops.qcompile.int4_linear.default,
     torch.ops.qcompile.nvfp4_linear.default,
 )
+
+
+# CUDA tensors run the Triton kernels (qcompile.lowering.triton) when Triton is installed; the kernels module is
+# imported on the first CUDA call. Every other device keeps the reference above.
+from qcompile.lowering import triton as _triton_lowering  # noqa: E402
+
+_triton_lowering.register()
