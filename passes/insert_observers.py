@@ -15,13 +15,16 @@ class ActivationObserver(nn.Module):
     channel, and (when asked) a fixed-size sample of input rows.
 
     Static scales read the per-tensor max; SmoothQuant the per-channel max; AWQ the per-channel mean; the scale
-    searches measure output error on the sampled rows.
+    searches measure output error on the sampled rows. With `hessian=True` it also sums x^T x (float32), for
+    GPTQ's one-shot Hessians (`hessian` property: 2 X^T X / N).
     """
 
-    def __init__(self, layer_name: str, keep_rows: int = 0):
+    def __init__(self, layer_name: str, keep_rows: int = 0, hessian: bool = False):
         super().__init__()
         self.layer_name = layer_name
         self.keep_rows = keep_rows
+        self.wants_hessian = hessian
+        self.xtx: Tensor | None = None
         self.amax: Tensor | None = None
         self.channel_amax: Tensor | None = None
         self.channel_abs_sum: Tensor | None = None
@@ -33,6 +36,11 @@ class ActivationObserver(nn.Module):
     @property
     def channel_abs_mean(self) -> Tensor | None:
         return None if self.channel_abs_sum is None else self.channel_abs_sum / max(self.rows_seen, 1)
+
+    @property
+    def hessian(self) -> Tensor | None:
+        """GPTQ's H = 2 X^T X / N over every calibration row (None unless built with hessian=True)."""
+        return None if self.xtx is None else self.xtx * (2.0 / max(self.rows_seen, 1))
 
     @property
     def sample(self) -> Tensor | None:
@@ -48,6 +56,8 @@ class ActivationObserver(nn.Module):
                 self.channel_amax = torch.maximum(self.channel_amax, other.channel_amax)
                 self.channel_abs_sum = self.channel_abs_sum + other.channel_abs_sum
             self.amax = self.channel_amax.amax()
+        if other.xtx is not None:
+            self.xtx = other.xtx.clone() if self.xtx is None else self.xtx + other.xtx
         self.rows_seen += other.rows_seen
         self.batches += other.batches
         self.samples = (self.samples + other.samples)
@@ -79,6 +89,9 @@ class ActivationObserver(nn.Module):
                 self.channel_amax = torch.maximum(self.channel_amax, channel_amax)
                 self.channel_abs_sum = self.channel_abs_sum + channel_sum
             self.amax = self.channel_amax.amax()
+            if self.wants_hessian:
+                xtx = flat.t() @ flat
+                self.xtx = xtx if self.xtx is None else self.xtx + xtx
             self.rows_seen += len(flat)
             self.batches += 1
             self._keep(flat)
@@ -86,15 +99,16 @@ class ActivationObserver(nn.Module):
 
 
 def insert_observers(
-    gm: fx.GraphModule, sites: list[LinearSite], keep_rows: int = 0
+    gm: fx.GraphModule, sites: list[LinearSite], keep_rows: int = 0, hessian: bool = False
 ) -> dict[str, ActivationObserver]:
     """Route the input of each site through an observer submodule; returns observers by layer name.
 
-    `keep_rows` > 0 keeps that many sampled input rows per layer, for the algorithms that search scales.
+    `keep_rows` > 0 keeps that many sampled input rows per layer, for the algorithms that search scales;
+    `hessian` sums x^T x per layer (GPTQ without sequential calibration).
     """
     observers = {}
     for index, site in enumerate(sites):
-        observer = ActivationObserver(site.name, keep_rows)
+        observer = ActivationObserver(site.name, keep_rows, hessian)
         target = f"{OBSERVER_PREFIX}{index}"
         gm.add_submodule(target, observer)
         with gm.graph.inserting_before(site.node):

@@ -108,13 +108,31 @@ def smooth_linears(
                     new_amax[site.name] = observer.amax
                 continue
         scale = smoothing_scale(observer.channel_amax, weights, group_alpha)
-        _divide_producer(gm, group, scale, by_node, placeholder_values, f"_qc_smooth_{index}")
+        migrate_scale(gm, group, scale, by_node, placeholder_values, f"_qc_smooth_{index}")
         for site in group:
-            site.weight = (site.weight.detach().float() * scale).to(site.weight.dtype)
             new_amax[site.name] = (observer.channel_amax.float() / scale).amax()
     gm.graph.lint()
     gm.recompile()
     return new_amax
+
+
+def migrate_scale(
+    gm: fx.GraphModule,
+    group: list[LinearSite],
+    scale: Tensor,
+    by_node: Mapping[fx.Node, LinearSite],
+    placeholder_values: Mapping[str, Tensor],
+    prefix: str,
+) -> None:
+    """x -> x / scale for the group's shared input and W -> W * scale for each of its linears (per input channel).
+
+    The float function is unchanged: the division folds into the producer of x where the graph allows (see the
+    module docstring), else an explicit `mul` goes in. `by_node` maps linear nodes to their sites, so that a
+    producing linear's `weight` is updated too. Shared by SmoothQuant and AWQ; the graph still needs `recompile()`.
+    """
+    _divide_producer(gm, group, scale, by_node, placeholder_values, prefix)
+    for site in group:
+        site.weight = (site.weight.detach().float() * scale).to(site.weight.dtype)
 
 
 def _divide_producer(gm, group, scale, by_node, placeholder_values, prefix) -> None:

@@ -7,8 +7,10 @@ The ahead-of-time pipeline, top to bottom (`quantize` below):
 3. find the quantizable linears in the graph (`qcompile.passes.find_linears`);
 4. if the recipe needs data, insert observers and run the calibration batches (`qcompile.passes.insert_observers`,
    `qcompile.calibration`);
-5. run the recipe's calibration algorithm (SmoothQuant folds its scales into the graph: `qcompile.passes.smoothquant`)
-   and rewrite each linear into a `qcompile::` op holding packed quantized weights (`qcompile.passes.quantize_linears`);
+5. run the recipe's calibration algorithm (SmoothQuant and AWQ fold their scales into the graph:
+   `qcompile.passes.smoothquant`, `qcompile.passes.awq`; GPTQ reruns the calibration batches group of layers by
+   group of layers: `qcompile.passes.gptq`) and rewrite each linear into a `qcompile::` op holding packed quantized
+   weights (`qcompile.passes.quantize_linears`);
    the ops are defined in `qcompile.ops` and implemented in `qcompile.lowering`;
 6. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`.
 
@@ -18,6 +20,7 @@ The just-in-time path, `torch.compile(model, backend="quant")`, runs steps 3-5 o
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -26,7 +29,7 @@ from torch import nn
 from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
 from qcompile.calibration import calibrate, first_batch, run_calibration
 from qcompile.capture import capture
-from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep
+from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq
 from qcompile.model import QuantizedModel, load
 from qcompile.lowering.onnx import export_onnx
 from qcompile.passes.find_linears import find_linears
@@ -81,13 +84,20 @@ def quantize(
     for site in sites:  # a bad weight is named as such, before calibration runs it through the model
         numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
     observers = None
-    if needs_calibration(recipe):
+    calibration_forward = None
+    if runs_gptq(recipe):
+        # Sequential GPTQ feeds the batches itself, layer group by layer group (its one pass also gives the
+        # static input ranges, measured behind the already-quantized layers).
+        if calib is None:
+            raise ValueError(f"recipe {recipe.name!r} runs GPTQ, which needs calibration data: pass calib=[batch, ...]")
+        calibration_forward = functools.partial(run_calibration, calib=calib, desc="gptq inputs", progress=progress)
+    elif needs_calibration(recipe):
         observers = insert_observers(graph, sites, keep_rows=rows_to_keep(recipe))
         run_calibration(graph, calib, progress=progress)
         remove_observers(graph)
 
     float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    layers = convert(graph, sites, recipe, observers)
+    layers = convert(graph, sites, recipe, observers, calibration_forward=calibration_forward, progress=progress)
     return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes)
 
 

@@ -6,6 +6,10 @@ subgraph (one per graph break) to `quant_backend`, with parameters as placeholde
 scales, SmoothQuant) start observed: inside `qcompile.calibrate(compiled)` the graph runs in float and records
 activation statistics, and on exit it is converted. The statistics are kept per weight tensor, so a graph compiled
 later for a new input shape is converted at once.
+
+GPTQ here is one-shot: the backend cannot feed the calibration batches again, so each layer's Hessian is summed
+from the float model's activations inside the `calibrate()` block (one Hessian per layer held until conversion),
+where `qcompile.quantize` calibrates sequentially, each layer group behind the already-quantized ones.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qcompile import calibration, numerics
 from qcompile.passes.find_linears import LinearSite, find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
-from qcompile.convert import convert, needs_calibration, rows_to_keep
+from qcompile.convert import convert, needs_calibration, rows_to_keep, wants_hessian
 from qcompile.passes.quantize_linears import LayerReport
 from qcompile.recipes import RECIPES, Recipe, resolve_recipe
 
@@ -103,7 +107,9 @@ class QuantizedGraph:
         # concrete shapes of example_inputs.
         self._tracing_context = torch._guards.TracingContext.try_get()
         if needs_calibration(options.recipe) and not self._has_statistics():
-            self._observers = insert_observers(gm, sites, keep_rows=rows_to_keep(options.recipe))
+            self._observers = insert_observers(
+                gm, sites, keep_rows=rows_to_keep(options.recipe), hessian=wants_hessian(options.recipe)
+            )
         else:
             self._convert()
 

@@ -5,14 +5,21 @@ Shared by both entry points (`qcompile.quantize` and the `torch.compile` backend
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import Tensor, fx
 
 from qcompile import numerics
+from qcompile.passes import awq, gptq
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver
-from qcompile.passes.quantize_linears import LayerReport, fake_quantize_weight, quantize_linears, static_input_scale
+from qcompile.passes.quantize_linears import (
+    LayerReport,
+    _sqnr_db,
+    fake_quantize_weight,
+    quantize_linears,
+    static_input_scale,
+)
 from qcompile.passes.smoothquant import smooth_linears
 from qcompile.recipes import Recipe
 
@@ -21,7 +28,7 @@ SEARCH_ROWS = 512
 
 
 # Algorithms that run on calibration data; the others fall back to max calibration and say so.
-DATA_ALGORITHMS = ("smoothquant",)
+DATA_ALGORITHMS = ("smoothquant", "awq", "gptq")
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -29,13 +36,33 @@ def needs_calibration(recipe: Recipe) -> bool:
     return recipe.static_inputs or recipe.algorithm in DATA_ALGORITHMS
 
 
+def runs_gptq(recipe: Recipe) -> bool:
+    return recipe.algorithm == "gptq" and gptq.unsupported(recipe.weights) is None
+
+
 def rows_to_keep(recipe: Recipe) -> int:
-    return SEARCH_ROWS if recipe.algorithm == "smoothquant" and recipe.alpha == "search" else 0
+    searches = recipe.algorithm == "awq" or (recipe.algorithm == "smoothquant" and recipe.alpha == "search")
+    return SEARCH_ROWS if searches else 0
 
 
-def algorithm_that_runs(recipe: Recipe) -> str:
+def wants_hessian(recipe: Recipe) -> bool:
+    """Observers sum x^T x only for GPTQ without sequential calibration (the torch.compile backend)."""
+    return runs_gptq(recipe)
+
+
+def algorithm_that_runs(recipe: Recipe, sequential: bool = True) -> str:
+    """What `convert` runs for this recipe, in words. `sequential`: GPTQ may rerun the calibration batches
+    (`qcompile.quantize`); the torch.compile backend cannot, and uses one-shot Hessians."""
     if recipe.algorithm == "smoothquant":
         return f"smoothquant (alpha {recipe.alpha})"
+    if recipe.algorithm == "awq":
+        return "awq (scale search + clip search)" if awq.clips(recipe.weights) else "awq (scale search)"
+    if recipe.algorithm == "gptq":
+        reason = gptq.unsupported(recipe.weights)
+        if reason is not None:
+            return f"max (gptq {reason})"
+        how = "sequential calibration" if sequential else "one-shot Hessians"
+        return f"gptq ({how}, blocks of {gptq.BLOCK_SIZE}, damping {gptq.DAMPING})"
     if recipe.algorithm == "max":
         return "max"
     return f"max ({recipe.algorithm} not available yet)"
@@ -60,8 +87,16 @@ def convert(
     recipe: Recipe,
     observers: Mapping[str, ActivationObserver] | None,
     placeholder_values: Mapping[str, Tensor] | None = None,
+    calibration_forward: Callable[[Callable], object] | None = None,
+    *,
+    progress: bool = False,
 ) -> list[LayerReport]:
-    """Run the recipe's algorithm on the observed statistics, then rewrite every site into a qcompile:: op."""
+    """Run the recipe's algorithm on the observed statistics, then rewrite every site into a qcompile:: op.
+
+    `calibration_forward(model)`, when given, calls `model(...)` once per calibration batch; GPTQ uses it for
+    sequential calibration (each layer's Hessian from inputs that already went through the quantized layers
+    before it). Without it GPTQ reads one-shot Hessians from the observers (built with `wants_hessian`).
+    """
     observers = observers or {}
     for name, observer in observers.items():
         if observer.amax is None:
@@ -73,4 +108,30 @@ def convert(
             gm, sites, observers, alpha,
             lambda w: fake_quantize_weight(w, recipe.weights), input_fake_quantizer(recipe), placeholder_values,
         )
-    return quantize_linears(gm, sites, recipe, input_amax)
+    # Weights as they were before an algorithm moved them off their float values (clipping, GPTQ): the report's
+    # SQNR measures the quantization against these, not against the moved weights the quantizer sees.
+    references: dict[str, Tensor] = {}
+    if recipe.algorithm == "awq":
+        input_amax, references = awq.awq_linears(
+            gm, sites, observers, lambda w: fake_quantize_weight(w, recipe.weights), input_fake_quantizer(recipe),
+            recipe.weights, placeholder_values, progress=progress,
+        )
+    elif runs_gptq(recipe):
+        references = {site.name: site.weight for site in sites}
+        if calibration_forward is not None:
+            input_amax.update(gptq.gptq_sequential(gm, sites, recipe.weights, calibration_forward, progress=progress))
+        else:
+            missing = [site.name for site in sites if observers.get(site.name) is None or observers[site.name].xtx is None]
+            if missing:
+                raise ValueError(
+                    f"GPTQ needs calibration data: no Hessian was recorded for layer {missing[0]!r} "
+                    "(pass calib=... to qcompile.quantize, or calibrate inside qcompile.calibrate())"
+                )
+            gptq.gptq_from_hessians(sites, {name: obs.hessian for name, obs in observers.items()}, recipe.weights,
+                                    progress=progress)
+    reports = quantize_linears(gm, sites, recipe, input_amax)
+    for report, site in zip(reports, sites):
+        if site.name in references:
+            dequantized = fake_quantize_weight(site.weight.detach(), recipe.weights)
+            report.weight_sqnr_db = _sqnr_db(references[site.name].detach(), dequantized)
+    return reports

@@ -1,0 +1,25 @@
+import os
+
+# Nothing may come from a model hub at test time (SPEC section 6).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# pytest attaches its log-capture handler to every non-propagating logger. torch's structured-trace logger
+# ("torch.__trace", non-propagating, used for TORCH_TRACE) then looks recorded, and torch renders every graph
+# and guard for it: export and compile take about twice as long. Letting it propagate keeps pytest's handlers
+# off it (trace_structured only checks the logger's own handlers), so nothing is rendered, as outside pytest.
+logging.getLogger("torch.__trace").propagate = True
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test starts and ends with an empty dynamo cache, so compiles never leak between tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
