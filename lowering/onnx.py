@@ -382,10 +382,12 @@ class _Translation:
                     x = op.Clip(x, op.Neg(limit), limit)
                 q = op.QuantizeLinear(x, scale, zero)
                 return op.DequantizeLinear(q, scale, zero), None
+            # amax = max(max(x), -min(x)): two reads of x and no |x| temporary
             if granularity == "token":
-                amax = op.ReduceMax(op.Abs(x), self.const_ints([-1]), keepdims=1)
+                axes = self.const_ints([-1])
+                amax = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
             elif granularity == "tensor":
-                amax = op.ReduceMax(op.Abs(x), keepdims=0)
+                amax = op.Max(op.ReduceMax(x, keepdims=0), op.Neg(op.ReduceMin(x, keepdims=0)))
             else:
                 raise UntranslatableOpError(f"dynamic {fmt} activations per {granularity!r} have no ONNX pattern")
             s = op.Div(amax, self.const(qmax))

@@ -10,10 +10,11 @@ Per linear, with H = 2 X^T X / N over its calibration inputs (float32):
    original weight, so the groups stay the contiguous ones the storage format uses.
 
 The quantization grid is the recipe's own (symmetric INT4/INT3 in groups along the input axis, or INT8 per output
-channel), with the reference's scale rule scale = group max / qmax: the scale of a group is taken when the walk
-reaches its first column (from the weights as updated so far), and the element that set the max is rounded to
-+-qmax, so the dequantized result, handed to the quantization pass as `site.weight`, requantizes to exactly these
-codes and scales (to the last float bit of a scale). A Cholesky that fails is retried with ten times the damping,
+channel). A group's scale is fixed when the walk reaches its first column, from the weights as updated so far:
+ratio * group max / qmax, with the ratio (1.0 down to 0.55; `SCALE_RATIOS`) that best quantizes the group's
+current values, each column weighted by its diag H; ratio 1 is the reference's plain max rule (`scale_ratios=
+(1.0,)`). The element that set the max is rounded to +-qmax, so the dequantized result, handed to the quantization
+pass as `site.weight`, requantizes to exactly these codes and scales (to the last float bit of a scale). A Cholesky that fails is retried with ten times the damping,
 three times; then the layer falls back to round-to-nearest with a warning naming it.
 
 Calibration (`gptq_sequential`): the calibration batches are recorded at the graph's inputs once, then the graph
@@ -40,6 +41,8 @@ from qcompile.recipes import QuantSpec
 
 BLOCK_SIZE = 128
 DAMPING = 0.01
+# Ratios of the group max that the pipeline tries for each group's scale (1.0 alone: the plain max rule).
+SCALE_RATIOS = tuple(1.0 - i / 20 for i in range(10))
 _DAMPING_RETRIES = 3
 
 
@@ -93,18 +96,35 @@ def inverse_cholesky(hessian: Tensor, damping: float = DAMPING) -> Tensor | None
 
 
 class _GroupGrid:
-    """Per (row, group): scale = max / qmax, and the column index (within the group) of the element that set it."""
+    """Per (row, group): scale = ratio * max / qmax, and the column index (within the group) of the element that
+    set the max. With several ratios, each (row, group) keeps the one with the least quantization error of its
+    current values, weighted per column by diag H (the ratio 1 is the plain max rule)."""
 
-    def __init__(self, rows: int, groups: int, qmax: float):
+    def __init__(self, rows: int, groups: int, qmax: float, ratios: tuple[float, ...] = (1.0,)):
         self.qmax = qmax
+        self.ratios = ratios
         self.scale = torch.ones(rows, groups)
         self.anchor = torch.full((rows, groups), -1, dtype=torch.long)
         self.sign = torch.zeros(rows, groups)
 
-    def fix(self, index: int, values: Tensor) -> None:
+    def fix(self, index: int, values: Tensor, importance: Tensor | None = None) -> None:
         amax, where = values.abs().max(dim=1)
         empty = amax == 0
-        self.scale[:, index] = torch.where(empty, torch.ones_like(amax), amax / self.qmax)
+        scale = amax / self.qmax
+        if len(self.ratios) > 1:
+            weight = torch.ones(values.shape[1]) if importance is None else importance
+            best, best_error = scale, None
+            for ratio in self.ratios:
+                candidate = torch.where(empty, torch.ones_like(amax), ratio * amax / self.qmax)[:, None]
+                q = torch.clamp(torch.round(values / candidate), -self.qmax, self.qmax) * candidate
+                error = ((values - q).pow(2) * weight).sum(dim=1)
+                if best_error is None:
+                    best, best_error = candidate[:, 0], error
+                else:
+                    better = error < best_error
+                    best, best_error = torch.where(better, candidate[:, 0], best), torch.minimum(error, best_error)
+            scale = best
+        self.scale[:, index] = torch.where(empty, torch.ones_like(amax), scale)
         self.anchor[:, index] = torch.where(empty, torch.full_like(where, -1), where)
         self.sign[:, index] = torch.sign(values.gather(1, where[:, None])[:, 0])
 
@@ -127,8 +147,11 @@ def gptq_weight(
     block_size: int = BLOCK_SIZE,
     damping: float = DAMPING,
     act_order: bool = False,
+    scale_ratios: tuple[float, ...] = (1.0,),
 ) -> Tensor:
-    """GPTQ-quantized `weight` ([out, in]) for the Hessian of its input ([in, in]), dequantized to float32."""
+    """GPTQ-quantized `weight` ([out, in]) for the Hessian of its input ([in, in]), dequantized to float32.
+
+    `scale_ratios` other than (1.0,) search each group's scale among ratio * max / qmax (see `_GroupGrid`)."""
     reason = unsupported(spec)
     if reason is not None:
         raise ValueError(f"GPTQ {reason}")
@@ -138,11 +161,13 @@ def gptq_weight(
         raise ValueError(f"layer {name!r}: Hessian of shape {tuple(hessian.shape)} for a weight of {cols} inputs")
     group, qmax = _grid(spec, cols)
     h = hessian.detach().float()
-    grid = _GroupGrid(rows, math.ceil(cols / group), qmax)
+    grid = _GroupGrid(rows, math.ceil(cols / group), qmax, scale_ratios)
+    importance = h.diagonal().clone()
     order = torch.arange(cols)
     if act_order:
         for index in range(grid.scale.shape[1]):  # static groups: scales from the original weight
-            grid.fix(index, w[:, index * group : (index + 1) * group])
+            columns = slice(index * group, (index + 1) * group)
+            grid.fix(index, w[:, columns], importance[columns])
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
         w, h = w[:, order], h[order][:, order]
     factor = inverse_cholesky(h, damping)
@@ -166,7 +191,7 @@ def gptq_weight(
             index, offset = divmod(column, group)
             if not act_order and offset == 0:  # the walk enters a new group: fix its scales from current values
                 current = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, : min(group, cols - column)]
-                grid.fix(index, current)
+                grid.fix(index, current, importance[column : column + current.shape[1]])
             quantized = grid.quantize(block[:, i], index, offset)
             result[:, start + i] = quantized
             error = (block[:, i] - quantized) / inner[i, i]
@@ -182,7 +207,7 @@ def _quantize_group(group: list[LinearSite], hessian: Tensor, spec: QuantSpec, a
     """Linears reading one input share its Hessian: one GPTQ run over their stacked rows."""
     stacked = torch.cat([site.weight.detach().float() for site in group])
     name = ", ".join(site.name for site in group)
-    quantized = gptq_weight(stacked, hessian, spec, name=name, act_order=act_order)
+    quantized = gptq_weight(stacked, hessian, spec, name=name, act_order=act_order, scale_ratios=SCALE_RATIOS)
     for site, part in zip(group, quantized.split([site.out_features for site in group])):
         site.weight = part.contiguous()
 

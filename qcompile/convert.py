@@ -62,7 +62,7 @@ def algorithm_that_runs(recipe: Recipe, sequential: bool = True) -> str:
         if reason is not None:
             return f"max (gptq {reason})"
         how = "sequential calibration" if sequential else "one-shot Hessians"
-        return f"gptq ({how}, blocks of {gptq.BLOCK_SIZE}, damping {gptq.DAMPING})"
+        return f"gptq ({how}, blocks of {gptq.BLOCK_SIZE}, damping {gptq.DAMPING}, group scale search)"
     if recipe.algorithm == "max":
         return "max"
     return f"max ({recipe.algorithm} not available yet)"

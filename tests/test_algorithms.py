@@ -261,16 +261,18 @@ def correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, features // 4, generator=g) @ mixing + 0.1 * torch.randn(rows, features, generator=g)
 
 
+@pytest.mark.parametrize("search", [False, True], ids=["max-scales", "scale-search"])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fmt", ["int4", "int3"])
-def test_gptq_beats_round_to_nearest_and_stores_its_own_codes(fmt, act_order):
+def test_gptq_beats_round_to_nearest_and_stores_its_own_codes(fmt, act_order, search):
     spec = QuantSpec(fmt, "group", block_size=128)
     bits = spec.bits
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 320, generator=g)  # 320 inputs: two full groups and a padded one
     x = correlated_inputs(1024, 320, 4)
     hessian = 2 * x.t() @ x / len(x)
-    quantized = gptq.gptq_weight(w, hessian, spec, act_order=act_order)
+    ratios = gptq.SCALE_RATIOS if search else (1.0,)
+    quantized = gptq.gptq_weight(w, hessian, spec, act_order=act_order, scale_ratios=ratios)
     rtn = numerics.dequantize_int4(numerics.quantize_int4(w, 128, bits=bits))
     error = (x @ (w - quantized).t()).norm()
     error_rtn = (x @ (w - rtn).t()).norm()
