@@ -3,7 +3,8 @@
 - `token_windows(tokenizer, text, count, length)`: the first `count` non-overlapping windows of `length` tokens;
 - `perplexity(model, windows)`: exp of the mean next-token negative log-likelihood over the windows;
 - `embedding_similarity(model, batches, reference)`: (mean, worst) cosine similarity to reference embeddings;
-- `Stopwatch`: named stages with progress lines and their times.
+- `Stopwatch`: named stages with progress lines and their times;
+- `format_table`: the plain-text tables the demo and the benchmarks print.
 
 Used by `benchmarks/accuracy.py` (SmolLM2-135M perplexity on the Wikipedia excerpt with calibration on the news
 corpus; all-MiniLM-L6-v2 embeddings of news sentences with calibration on Wikipedia sentences).
@@ -68,6 +69,19 @@ def embedding_similarity(model, batches: Iterable[dict], reference: Tensor) -> t
     return hf.cosine_stats(hf.sentence_embeddings(model, batches), reference)
 
 
+def format_table(header: Sequence[str], rows: Iterable[Sequence], left: int = 1) -> str:
+    """A plain-text table: the first `left` columns left-aligned, the rest right-aligned, a rule under the header."""
+    lines = [[str(cell) for cell in header]] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 class Stopwatch:
     """Prints each stage as it starts and ends, with its wall time; `times` keeps them by name."""
 
@@ -90,4 +104,4 @@ class Stopwatch:
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {elapsed:.1f} s", file=self.stream, flush=True)
 
 
-__all__ = ["Stopwatch", "embedding_similarity", "perplexity", "token_windows"]
+__all__ = ["Stopwatch", "embedding_similarity", "format_table", "perplexity", "token_windows"]

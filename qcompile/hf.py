@@ -254,16 +254,19 @@ def wiki_text() -> str:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def tokenize_batches(tokenizer, sentences: Sequence[str], batch_size: int, max_length: int = 128) -> list[dict]:
+def tokenize_batches(
+    tokenizer, sentences: Sequence[str], batch_size: int, max_length: int = 128, *, fixed_length: bool = False
+) -> list[dict]:
     """Sentences as a list of keyword-argument batches (input_ids, attention_mask, and token_type_ids where the
-    tokenizer gives them), each padded to its longest sentence and truncated to `max_length` tokens."""
+    tokenizer gives them), each padded to its longest sentence (to `max_length` with `fixed_length`, so that every
+    batch has one shape) and truncated to `max_length` tokens."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     batches = []
     for start in range(0, len(sentences), batch_size):
         encoded = tokenizer(
             list(sentences[start : start + batch_size]),
-            padding=True,
+            padding="max_length" if fixed_length else True,
             truncation=True,
             max_length=max_length,
             return_tensors="pt",

@@ -127,3 +127,8 @@ QUANTIZED_LINEAR_OPS = (
 from qcompile.lowering import triton as _triton_lowering  # noqa: E402
 
 _triton_lowering.register()
+
+# CPU tensors run the integer kernels of qcompile.lowering.cpu where they keep the reference's numerics.
+from qcompile.lowering import cpu as _cpu_lowering  # noqa: E402
+
+_cpu_lowering.register()

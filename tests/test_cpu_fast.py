@@ -1,0 +1,199 @@
+"""The CPU fast path (qcompile.lowering.cpu): the same function as the reference lowering, and the path taken.
+
+Reference: `qcompile.lowering.torch_reference` (fake-quantize the input, dequantize the weight, float32 GEMM) and
+float64 math on the same quantized operands. The integer product is exact, so the fast path may differ from the
+reference only by float32 rounding of the sums and the final scaling: bound 1e-5 relative to the output's scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import qcompile as qc
+from qcompile import numerics
+from qcompile.lowering import cpu as cpu_lowering
+from qcompile.lowering import torch_reference as ref
+
+REL_TOL = 1e-5
+
+
+@pytest.fixture
+def int_mm_calls(monkeypatch) -> list:
+    """Counts the calls of torch._int_mm (the integer GEMM) made from here on."""
+    calls = []
+    real = torch._int_mm
+
+    def spy(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", spy)
+    return calls
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))
+
+
+def _weight(n: int, k: int, granularity: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = numerics.quantize_int8(torch.randn(n, k, generator=g), granularity)
+    return w.q, w.scale
+
+
+def _float64_product(x, weight, weight_scale, bias, input_scale, granularity):
+    """Quantize x with the reference quantizer, then multiply the dequantized operands in float64."""
+    xq = numerics.quantize_int8(x.float(), granularity, scale=input_scale)
+    out = (xq.q.double() * xq.scale.double()) @ (weight.double() * weight_scale.double()).T
+    return out if bias is None else out + bias.double()
+
+
+CASES = [
+    # (x shape, N, weight granularity, input granularity, static scale, bias)
+    ((4, 16, 64), 48, "channel", "token", None, True),
+    ((1, 1, 64), 8, "channel", "token", None, False),  # a decode step
+    ((3, 33), 7, "tensor", "token", None, True),  # nothing divisible by anything
+    ((5, 2), 3, "channel", "token", None, False),  # K = 2
+    ((17, 130), 129, "channel", "tensor", 0.05, True),  # static per-tensor scale (int8_sq)
+    ((2, 9, 40), 24, "tensor", "tensor", None, False),  # dynamic per-tensor
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"x{c[0]}-n{c[1]}-{c[2]}-{c[3]}" for c in CASES])
+def test_int8_fast_path_matches_reference(case, int_mm_calls):
+    shape, n, w_gran, x_gran, static, with_bias = case
+    g = torch.Generator().manual_seed(len(shape) * 100 + n)
+    x = torch.randn(*shape, generator=g) * 3
+    if len(shape) > 2:
+        x[:, 0, :] = 0.0  # all-zero tokens: their scale is 0, replaced by 1 (every code 0)
+    weight, weight_scale = _weight(n, shape[-1], w_gran, n)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    scale = None if static is None else torch.tensor(static)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, bias, scale, "int8", x_gran)
+    assert len(int_mm_calls) == 1  # the integer kernel ran, not the float reference
+    want = ref.int8_linear(x, weight, weight_scale, bias, scale, "int8", x_gran)
+    assert got.shape == want.shape == (*shape[:-1], n)
+    assert _rel(got, want) <= REL_TOL
+    assert _rel(got, _float64_product(x, weight, weight_scale, bias, scale, x_gran)) <= REL_TOL
+
+
+def test_int8_fast_path_huge_and_tiny_values():
+    # Outputs near 1e36: finite, but acc · s_x alone (about 1e39) would overflow float32.
+    x = torch.tensor([[3e36, -1e36, 5.0, 0.0], [1e-30, -2e-30, 0.0, 3e-31]])
+    weight, weight_scale = _weight(6, 4, "channel", 1)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    want = _float64_product(x, weight, weight_scale, None, None, "token")
+    assert torch.isfinite(got).all()
+    for row in range(2):  # each token has its own scale: compare each row at its own magnitude
+        assert _rel(got[row], want[row]) <= REL_TOL
+
+
+def test_int8_fast_path_bfloat16_input_keeps_dtype():
+    x = torch.randn(4, 32).bfloat16()
+    weight, weight_scale = _weight(16, 32, "channel", 2)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    want = ref.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert got.dtype == torch.bfloat16
+    assert _rel(got.float(), want.float()) <= 1e-2  # both end in a bfloat16 rounding of the same float32 value
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("static", [None, 0.1], ids=["dynamic", "static"])
+def test_int8_fast_path_rejects_non_finite_input(bad, static):
+    x = torch.randn(3, 16)
+    x[1, 4] = bad
+    weight, weight_scale = _weight(8, 16, "channel", 3)
+    scale = None if static is None else torch.tensor(static)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, scale, "int8", "token")
+
+
+def test_k_of_one_keeps_the_reference(int_mm_calls):
+    # torch._int_mm gives wrong sums for K == 1 on the CPU; the reference must take such a layer
+    x = torch.randn(5, 1)
+    weight, weight_scale = _weight(3, 1, "channel", 6)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert not int_mm_calls
+    assert _rel(got, _float64_product(x, weight, weight_scale, None, None, "token")) <= REL_TOL
+
+
+def test_other_formats_keep_the_reference(int_mm_calls):
+    x = torch.randn(2, 32)
+    weight, weight_scale = _weight(8, 32, "channel", 4)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "none", "tensor")  # weight-only
+    assert not int_mm_calls
+    assert _rel(got, x.double() @ (weight.double() * weight_scale.double()).T) <= REL_TOL
+    empty = torch.ops.qcompile.int8_linear(x[:0], weight, weight_scale, None, None, "int8", "token")
+    assert empty.shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------------------- compiled
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval()
+
+
+def _calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 12, 64, generator=g) for _ in range(3)]
+
+
+def _compiled_code(fn, *args):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, code = run_and_get_code(fn, *args)
+    return out, "\n".join(code)
+
+
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_compiled_quantized_model_runs_the_integer_kernel(recipe):
+    qm = qc.quantize(_mlp(), recipe, calib=_calib(), progress=False)
+    x = torch.randn(2, 7, 64)
+    out, code = _compiled_code(torch.compile(qm), x)
+    assert "extern_kernels._int_mm(" in code  # decomposed into the integer GEMM inside inductor's code...
+    assert "torch.ops.qcompile.int8_linear" not in code  # ...not called as an opaque op
+    with torch.no_grad():
+        assert _rel(out, qm(x)) <= REL_TOL  # the eager QuantizedModel (itself checked against the reference above)
+
+
+def test_backend_runs_the_integer_kernel():
+    model = _mlp()
+    compiled = torch.compile(model, backend="quant", options={"recipe": "int8_dynamic"})
+    x = torch.randn(3, 5, 64)
+    out, code = _compiled_code(compiled, x)
+    assert "extern_kernels._int_mm(" in code
+    # against the reference lowering of the same quantized weights, computed here from the float model
+    hidden = torch.nn.functional.gelu(_reference_layer(model[0], x))
+    want = _reference_layer(model[2], hidden)
+    # Two layers: float32 rounding differences in the first can move one INT8 code of the second's input by one
+    # step, about 1e-3 of the output; a wrong scale or layout is off by far more.
+    assert _rel(out, want) <= 2e-3
+
+
+def _reference_layer(linear, x):
+    w = numerics.quantize_int8(linear.weight.detach(), "channel")
+    return ref.int8_linear(x, w.q, w.scale, linear.bias.detach(), None, "int8", "token")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_compiled_fast_path_rejects_non_finite_input(bad):
+    qm = qc.quantize(_mlp(), "int8_sq", calib=_calib(), progress=False)
+    compiled = torch.compile(qm)
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        compiled(x)
+        x[1, 2, 3] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            compiled(x)
+
+
+def test_decomposition_leaves_other_devices_alone():
+    meta = torch.empty(2, 8, device="meta")
+    weight, weight_scale = _weight(4, 8, "channel", 5)
+    assert cpu_lowering.decompose_int8_linear(
+        meta, weight.to("meta"), weight_scale.to("meta"), None, None, "int8", "token"
+    ) is NotImplemented
