@@ -20,9 +20,11 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from qcompile import numerics
+from qcompile.lowering import native
 from qcompile.lowering import torch_reference as ref
 
 # |q_x · q_w| ≤ 127², so an int32 accumulator holds K products exactly while K·127² < 2³¹.
@@ -111,6 +113,80 @@ def decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_form
     return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
 
 
+# ------------------------------------------------------------------------------------ 4-bit weights
+
+# Rows (tokens) up to which the weight-only kernel multiplies straight from the packed codes; past it, the weight
+# is dequantized once by the same kernel library and multiplied by the float32 GEMM, which wins when the codes are
+# reused by many rows (measured crossover on MiniLM/SmolLM2 shapes: 16-32 rows).
+SMALL_BATCH = 8
+
+_INT4_SIGNED = torch.tensor([float(c if c < 8 else c - 16) for c in range(16)])  # 4-bit two's complement
+_INT4_UNSIGNED = torch.arange(16, dtype=torch.float32)  # codes with zero points
+_E2M1 = torch.tensor(numerics.E2M1_VALUES + tuple(-v for v in numerics.E2M1_VALUES))  # bit 3 is the sign
+_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _lut4_linear(x, weight_fn, bias, input_scale, input_format, input_granularity, reference):
+    library = native.load()
+    if library is None or x.numel() == 0 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return reference()
+    weight = weight_fn()
+    lead = x.shape[:-1]
+    # the activation quantizer of W4A8 / NVFP4-input recipes is the reference's own; the product is the kernel's
+    x2d = ref.quantize_input(x, input_format, input_granularity, input_scale).reshape(-1, x.shape[-1]).contiguous()
+    if x2d.shape[0] <= SMALL_BATCH:
+        out = native.linear(library, x2d, weight, bias)
+    else:
+        out = F.linear(x2d, native.dequantize(library, weight), None if bias is None else bias.to(torch.float32))
+    return out.reshape(*lead, weight.out_features).to(x.dtype)
+
+
+def int4_weight(packed, scale, zero_point, group_size, in_features) -> native.Lut4Weight:
+    """An INT4/INT3 weight as the native kernel reads it (codes are 4-bit two's complement when symmetric)."""
+    table = _INT4_SIGNED if zero_point is None else _INT4_UNSIGNED
+    zero = None if zero_point is None else zero_point.to(torch.uint8)
+    return native.Lut4Weight(packed, in_features, group_size, table, scale.to(torch.float32), zero=zero)
+
+
+def nvfp4_weight(packed, block_scale, global_scale, in_features) -> native.Lut4Weight:
+    """An NVFP4 weight as the native kernel reads it: E2M1 table, FP8 block-scale codes through a 256-entry table
+    holding float(code) * global scale, the very product the reference forms for each block."""
+    group = 2 * packed.shape[-1] // block_scale.shape[-1]
+    scale_lut = _FP8_VALUES * global_scale.to(torch.float32)
+    return native.Lut4Weight(packed, in_features, group, _E2M1, block_scale.view(torch.uint8), scale_lut)
+
+
+def int4_linear(
+    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
+):
+    def reference():
+        return ref.int4_linear(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale,
+                               input_format, input_granularity)
+
+    if packed.dim() != 2 or x.shape[-1] != in_features:
+        return reference()
+
+    def weight():
+        return int4_weight(packed, scale, zero_point, group_size, in_features)
+
+    return _lut4_linear(x, weight, bias, input_scale, input_format, input_granularity, reference)
+
+
+def nvfp4_linear(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format,
+                 input_granularity):
+    def reference():
+        return ref.nvfp4_linear(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format,
+                                input_granularity)
+
+    if packed.dim() != 2 or block_scale.dim() != 2 or x.shape[-1] != in_features:
+        return reference()
+
+    def weight():
+        return nvfp4_weight(packed, block_scale, global_scale, in_features)
+
+    return _lut4_linear(x, weight, bias, input_scale, input_format, input_granularity, reference)
+
+
 _registered = False
 
 
@@ -122,6 +198,8 @@ def register() -> None:
     import qcompile.ops  # noqa: F401  (defines the ops)
 
     torch.library.register_kernel("qcompile::int8_linear", "cpu", int8_linear)
+    torch.library.register_kernel("qcompile::int4_linear", "cpu", int4_linear)
+    torch.library.register_kernel("qcompile::nvfp4_linear", "cpu", nvfp4_linear)
     _register_inductor_decomposition()
     _registered = True
 
@@ -132,4 +210,5 @@ def _register_inductor_decomposition() -> None:
     decomposition.register_decomposition(torch.ops.qcompile.int8_linear.default)(decompose_int8_linear)
 
 
-__all__ = ["MAX_EXACT_K", "decompose_int8_linear", "int8_linear", "int8_linear_int_mm", "register"]
+__all__ = ["MAX_EXACT_K", "SMALL_BATCH", "decompose_int8_linear", "int4_linear", "int4_weight", "int8_linear",
+           "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register"]
