@@ -19,6 +19,8 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,10 +50,12 @@ def _takes_int_mm(x: Tensor, weight: Tensor, input_format: str, input_granularit
 def checked_input_scale(scale: Tensor, amax: Tensor) -> Tensor:
     """`scale`, after checking that the activation's amax is finite: NaN/inf inputs have no INT8 code.
 
-    An op of its own (not an assert in the graph) so that compiled code raises the same Python ValueError as the
-    reference, and inductor keeps it because the scale flows through it.
+    An op of its own (not an assert in the graph) so that compiled code raises the same ValueError as the reference.
+    Only the output scaling reads its result, so under inductor the quantization and the amax reduction still run
+    in one pass over the activation, before the check.
     """
-    numerics.check_finite(amax, "input to int8_linear")
+    if not math.isfinite(amax.max().item()):  # max propagates NaN
+        raise ValueError("input to int8_linear contains NaN or inf")
     return scale.clone()
 
 
@@ -60,18 +64,20 @@ def _(scale, amax):
     return torch.empty_like(scale)
 
 
-def quantize_rows_int8(x2d: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor]:
-    """(q int8 [M, K], scale float32 [M, 1] or []) for a 2-D float32 activation, as `numerics.quantize_int8`."""
+def quantize_rows_int8(x2d: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(q int8 [M, K], scale float32 [M, 1] or [], amax) for a 2-D float32 activation, as `numerics.quantize_int8`.
+
+    `amax` is there to be checked (`checked_input_scale`) before the scale is used again.
+    """
     if input_scale is None:
         amax = x2d.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x2d.abs().amax()
         scale = amax / numerics.INT8_MAX
     else:
-        amax = x2d.abs().amax()  # only to reject NaN/inf: one reduction, fused with the quantization under inductor
+        amax = x2d.abs().amax()  # only to reject NaN/inf
         scale = input_scale.to(torch.float32)
-    scale = checked_input_scale(scale, amax)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(x2d / scale), -numerics.INT8_MAX, numerics.INT8_MAX).to(torch.int8)
-    return q, scale
+    return q, scale, amax
 
 
 def int8_linear_int_mm(
@@ -82,13 +88,14 @@ def int8_linear_int_mm(
     input_scale: Tensor | None,
     input_granularity: str,
 ) -> Tensor:
-    """INT8 × INT8 → INT32 with `torch._int_mm`, then `acc · s_x · s_w + bias` in float32."""
+    """INT8 × INT8 → INT32 with `torch._int_mm`, then `acc · s_w · s_x + bias` in float32."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = weight.shape[0]
     x2d = x.reshape(-1, k).to(torch.float32)
-    q, x_scale = quantize_rows_int8(x2d, input_scale, input_granularity)
+    q, x_scale, amax = quantize_rows_int8(x2d, input_scale, input_granularity)
     # weight is [N, K] row-major, so its transpose is the column-major [K, N] operand _int_mm takes without a copy
     acc = torch._int_mm(q, weight.t())
+    x_scale = checked_input_scale(x_scale, amax)
     # the weight scale first: acc · s_w is about the size of Σ q_x·w, so only an output that itself overflows does
     out = acc.to(torch.float32) * weight_scale.to(torch.float32).reshape(1, -1) * x_scale
     if bias is not None:

@@ -4,6 +4,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Inductor's on-disk caches key compiled graphs on the captured graph, not on the Python code of qcompile's
+# inductor decompositions (qcompile.lowering.cpu): code compiled by an earlier version of them could be served
+# again. Each test session compiles into its own cache.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcompile-tests-inductor-")
+
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
