@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 QCOMPILE_RECIPES = ("int8_sq", "int8_dynamic", "int4_awq", "fp8")

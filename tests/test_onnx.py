@@ -13,9 +13,10 @@ How close the ONNX model must be, and why:
    different kernels (float32 differences ≈ 1e-7); where such a difference straddles a rounding boundary of an
    activation quantizer, that one element moves by one quantization step. On one-layer tiny models this is rare
    (measured: none, or one element giving 4e-5): bound max(1e-5, 0.25 · error of the QuantizedModel vs float),
-   a quarter of the quantization noise, far below the effect of any wrong scale, layout or rounding rule.
-   On MiniLM (6 layers) a moved element perturbs every later layer and moves more elements there, so hidden
-   states of two correct implementations differ by a few percent, as much as each differs from FP32. There the
+   a quarter of the quantization noise, far below what a wrong scale or layout produces (rounding and clamping
+   rules are held to 1e-5 by the operator-level test). On MiniLM a moved element perturbs every later layer and
+   moves more elements there: with per-token INT8, ONNX vs QuantizedModel hidden states differ by 1e-3 after one
+   layer, 6e-3 after two, 3e-2 after four (measured), as much as either differs from FP32 after six. There the
    test asserts accuracy parity instead: the mean cosine of the sentence embeddings to FP32 is within 0.002 of the
    QuantizedModel's (measured differences ≤ 0.0006), and ONNX-vs-QuantizedModel mean cosine ≥ 0.995 (measured
    ≥ 0.998); weight-only recipes must still match to 1e-5.
@@ -220,7 +221,10 @@ def _variant(name: str) -> qc.Recipe:
     raise KeyError(name)
 
 
-OP_VARIANTS = RECIPES + ["int4_asym", "int3", "nvfp4_dynamic_global", "int8_dynamic_tensor"]
+# Every preset's formats (int4_gptq has int4_awq's) plus asymmetric INT4, INT3, NVFP4 with a dynamic global scale
+# and dynamic per-tensor INT8.
+OP_VARIANTS = [r for r in RECIPES if r != "int4_gptq"] + ["int4_asym", "int3", "nvfp4_dynamic_global",
+                                                            "int8_dynamic_tensor"]
 
 
 def _pair(seed: int, batch: int, seq: int, amplitude: float = 1.0):
@@ -288,17 +292,20 @@ def tiny_models():
     return {"llama": tiny_llama(), "bert": tiny_bert()}
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+# int4_gptq has int4_awq's formats, so with max calibration it is the same graph; it is left out to keep the run short.
+TINY_RECIPES = [r for r in RECIPES if r != "int4_gptq"]
+
+
+@pytest.mark.parametrize("recipe", TINY_RECIPES)
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_tiny_model_matches_quantized_model(tiny_models, kind, recipe, tmp_path):
     _check_tiny_model(tiny_models[kind], kind, _max(qc.RECIPES[recipe]), tmp_path)
 
 
-# SmoothQuant and AWQ fold their scales into the norms before the linears, and where BERT's GELU leaves no fold
-# point, into an explicit multiply that stays in the graph in front of the quantizer.
-@pytest.mark.parametrize("recipe", ["int8_sq", "int4_awq"])
-def test_calibration_algorithms_export(tiny_models, recipe, tmp_path):
-    qm = _check_tiny_model(tiny_models["bert"], "bert", qc.RECIPES[recipe], tmp_path)
+# SmoothQuant (like AWQ) folds its scales into the norms before the linears and, where BERT's GELU leaves no fold
+# point, into an explicit multiply that stays in the graph in front of the quantizer; the INT8 fusion must survive it.
+def test_calibration_algorithms_export(tiny_models, tmp_path):
+    qm = _check_tiny_model(tiny_models["bert"], "bert", qc.RECIPES["int8_sq"], tmp_path)
     assert qm.recipe.algorithm in qm.algorithm  # the algorithm ran (not the max fallback)
 
 
@@ -366,18 +373,15 @@ def test_write_is_atomic(small_qm, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # and no staging leftovers
 
 
-def test_external_data(small_qm, tmp_path, monkeypatch):
-    forced = qc.export_onnx(small_qm, tmp_path / "forced" / "m.onnx", external_data=True)
-    assert (forced.parent / "m.onnx.data").stat().st_size > 0
-    # the default switches to external data past the protobuf limit (lowered here to exercise the switch)
+def test_external_data_past_the_protobuf_limit(small_qm, tmp_path, monkeypatch):
+    # the switch happens past 2 GB; lowered here so a small model takes the same path
     monkeypatch.setattr(qonnx, "EXTERNAL_DATA_THRESHOLD", 1024)
-    auto = qc.export_onnx(small_qm, tmp_path / "auto" / "m.onnx")
-    assert (auto.parent / "m.onnx.data").exists()
+    path = qc.export_onnx(small_qm, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx.data").stat().st_size > path.stat().st_size
+    onnx.checker.check_model(str(path), full_check=True)
     x, z = _pair(5, 2, 3)
-    want = outputs_of(small_qm(x, z))
-    for path in (forced, auto):
-        got = qonnx.onnxruntime_session(path).run(None, {"x": x.numpy(), "z": z.numpy()})
-        assert all(rel(g, w) <= OP_TOL for g, w in zip(got, want))
+    got = qonnx.onnxruntime_session(path).run(None, {"x": x.numpy(), "z": z.numpy()})
+    assert all(rel(g, w) <= OP_TOL for g, w in zip(got, outputs_of(small_qm(x, z))))
 
 
 def test_opset_below_21_is_refused(small_qm, tmp_path):
@@ -445,10 +449,11 @@ def test_cli_exports_saved_model(small_qm, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ MiniLM
 
-# By default MiniLM runs one recipe per kernel family: per-token INT8 (MatMulIntegerToFloat), INT4
-# (MatMulNBits) and NVFP4 (reference evaluator). The other seven take about as long each; set
-# QCOMPILE_ONNX_ALL_RECIPES=1 to run them too (the tiny models and the operator-level test cover every recipe).
-MINILM_RECIPES = ["int8_dynamic", "int4_awq", "nvfp4"]
+# By default MiniLM runs one recipe per ONNX Runtime kernel family: per-token INT8 (MatMulIntegerToFloat) and
+# INT4 (MatMulNBits). Each of the other eight costs as much (NVFP4 three times as much: the reference evaluator
+# runs MiniLM in numpy); set QCOMPILE_ONNX_ALL_RECIPES=1 to run them too. The tiny models and the operator-level
+# test cover every recipe in the default run.
+MINILM_RECIPES = ["int8_dynamic", "int4_awq"]
 MINILM_MORE = [r for r in RECIPES if r not in MINILM_RECIPES]
 COSINE_PARITY = 0.002
 COSINE_TO_QM = 0.995
