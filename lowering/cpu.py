@@ -11,10 +11,14 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
   integer product is exact, so the result is the reference's up to float32 rounding of the final scaling: about 9×
   faster than the float32 GEMM for MiniLM's shapes. Under inductor the op is decomposed into these steps
   (`decompose_int8_linear`) so that the quantization and the scaling fuse into the surrounding kernels.
-- Everything else falls back to `qcompile.lowering.torch_reference` (dequantize the weight, float32 GEMM). PyTorch
-  has no fast CPU kernel that keeps these numerics: `_scaled_mm` on FP8 runs slower than the float32 GEMM, and the
-  packed INT4 kernel (`_weight_int4pack_mm_for_cpu`) is fast only for bfloat16 activations, which would round every
-  activation the reference keeps in float32.
+- int4_linear and nvfp4_linear: the 4-bit kernel of `native` (C, compiled on first use) multiplies straight from
+  the packed codes for small batches (decode steps) and dequantizes once for larger ones. PyTorch's own packed INT4
+  kernel (`_weight_int4pack_mm_for_cpu`) is fast only for bfloat16 activations, which would round every activation
+  the reference keeps in float32, and it has no NVFP4.
+- fp8_linear: there is no CPU FP8 GEMM faster than the float32 one (`_scaled_mm` on FP8 runs slower), so FP8 keeps
+  the reference's arithmetic; under inductor it is decomposed (`decompose_fp8_linear`) so that each FP8 round trip
+  is one fused pass, which brings it to about the float32 model's speed.
+- Everything else falls back to `qcompile.lowering.torch_reference` (dequantize the weight, float32 GEMM).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def checked_input_scale(scale: Tensor, amax: Tensor) -> Tensor:
     in one pass over the activation, before the check.
     """
     if not math.isfinite(amax.max().item()):  # max propagates NaN
-        raise ValueError("input to int8_linear contains NaN or inf")
+        raise ValueError("input to a quantized linear layer contains NaN or inf")
     return scale.clone()
 
 
@@ -118,6 +122,38 @@ def decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_form
     if x.device.type != "cpu" or not _takes_int_mm(x, weight, input_format, input_granularity):
         return NotImplemented
     return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
+
+
+def decompose_fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity):
+    """Inductor decomposition of FP8 layers (per-tensor / per-channel weight scales) on the CPU.
+
+    There is no CPU FP8 GEMM faster than the float32 one, so this is the reference's own arithmetic (FP8 round trip
+    of the input, weight dequantized, float32 GEMM) written as aten ops: inductor fuses each round trip into one
+    pass instead of the reference's chain of eager kernels.
+    """
+    if (
+        x.device.type != "cpu"
+        or block_size
+        or input_format not in ("none", "fp8_e4m3")
+        or input_granularity not in ("tensor", "token")
+        or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    ):
+        return NotImplemented
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k).to(torch.float32)
+    if input_format == "fp8_e4m3":
+        if input_scale is None:
+            amax = x2d.abs().amax(dim=-1, keepdim=True) if input_granularity == "token" else x2d.abs().amax()
+            scale = amax / numerics.FP8_E4M3_MAX
+        else:
+            amax = x2d.abs().amax()  # only to reject NaN/inf
+            scale = input_scale.to(torch.float32)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.clamp(x2d / scale, -numerics.FP8_E4M3_MAX, numerics.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        x2d = q.to(torch.float32) * checked_input_scale(scale, amax)
+    w = weight.to(torch.float32) * weight_scale.to(torch.float32)
+    out = F.linear(x2d, w, None if bias is None else bias.to(torch.float32))
+    return out.reshape(*lead, weight.shape[0]).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------ 4-bit weights
@@ -215,7 +251,9 @@ def _register_inductor_decomposition() -> None:
     from torch._inductor import decomposition
 
     decomposition.register_decomposition(torch.ops.qcompile.int8_linear.default)(decompose_int8_linear)
+    decomposition.register_decomposition(torch.ops.qcompile.fp8_linear.default)(decompose_fp8_linear)
 
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "decompose_int8_linear", "int4_linear", "int4_weight", "int8_linear",
-           "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register"]
+           "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register",
+           "decompose_fp8_linear"]
