@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import qcompile as qc  # noqa: E402
 from qcompile import hf  # noqa: E402
 from qcompile.eval import format_table  # noqa: E402
+from quantize_cpu import _paired_latency as _paired  # noqa: E402  (FP32 and variant timed alternately)
 
 ENCODER_RECIPES = ("int8_dynamic", "int8_sq", "fp8_dynamic", "int4_awq", "nvfp4_weight_only")
 DECODE_RECIPES = ("int4_awq", "nvfp4_weight_only")
@@ -56,21 +57,6 @@ def _needs_data(recipe: str) -> bool:
     from qcompile.convert import needs_calibration
 
     return needs_calibration(qc.RECIPES[recipe])
-
-
-def _paired(baseline, variant, kwargs: dict, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median seconds per call of `baseline` and `variant`, timed alternately after `warmup` calls of each."""
-    base, var = [], []
-    with torch.no_grad():
-        for _ in range(warmup):
-            baseline(**kwargs)
-            variant(**kwargs)
-        for _ in range(repeats):
-            for fn, times in ((baseline, base), (variant, var)):
-                start = time.perf_counter()
-                fn(**kwargs)
-                times.append(time.perf_counter() - start)
-    return statistics.median(base), statistics.median(var)
 
 
 # ------------------------------------------------------------------------------------------------ encoder

@@ -68,18 +68,20 @@ def _(scale, amax):
     return torch.empty_like(scale)
 
 
-def quantize_rows_int8(x2d: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(q int8 [M, K], scale float32 [M, 1] or [], amax) for a 2-D float32 activation, as `numerics.quantize_int8`.
+def _input_scale(x2d: Tensor, input_scale: Tensor | None, granularity: str, fmt_max: float) -> tuple[Tensor, Tensor]:
+    """(scale, amax) of a 2-D float32 activation: amax/fmt_max per token or tensor, or the calibrated scale.
 
-    `amax` is there to be checked (`checked_input_scale`) before the scale is used again.
+    `amax` is there to be checked (`checked_input_scale`) before the scale is used again; with a static scale it is
+    computed only for that check.
     """
-    if input_scale is None:
-        amax = x2d.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x2d.abs().amax()
-        scale = amax / numerics.INT8_MAX
-    else:
-        amax = x2d.abs().amax()  # only to reject NaN/inf
-        scale = input_scale.to(torch.float32)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    amax = x2d.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x2d.abs().amax()
+    scale = amax / fmt_max if input_scale is None else input_scale.to(torch.float32)
+    return torch.where(scale == 0, torch.ones_like(scale), scale), amax
+
+
+def quantize_rows_int8(x2d: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(q int8 [M, K], scale float32 [M, 1] or [], amax) for a 2-D float32 activation, as `numerics.quantize_int8`."""
+    scale, amax = _input_scale(x2d, input_scale, granularity, numerics.INT8_MAX)
     q = torch.clamp(torch.round(x2d / scale), -numerics.INT8_MAX, numerics.INT8_MAX).to(torch.int8)
     return q, scale, amax
 
@@ -142,13 +144,7 @@ def decompose_fp8_linear(x, weight, weight_scale, block_size, bias, input_scale,
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k).to(torch.float32)
     if input_format == "fp8_e4m3":
-        if input_scale is None:
-            amax = x2d.abs().amax(dim=-1, keepdim=True) if input_granularity == "token" else x2d.abs().amax()
-            scale = amax / numerics.FP8_E4M3_MAX
-        else:
-            amax = x2d.abs().amax()  # only to reject NaN/inf
-            scale = input_scale.to(torch.float32)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale, amax = _input_scale(x2d, input_scale, input_granularity, numerics.FP8_E4M3_MAX)
         q = torch.clamp(x2d / scale, -numerics.FP8_E4M3_MAX, numerics.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
         x2d = q.to(torch.float32) * checked_input_scale(scale, amax)
     w = weight.to(torch.float32) * weight_scale.to(torch.float32)
