@@ -108,7 +108,8 @@ class Calibrated:
         self.capture_s = watch.times["capture (torch.export)"]
         sites = find_linears(self.graph)
         with watch.stage(f"calibration ({len(calib)} batches, observers on {len(sites)} linears)"):
-            self.observers = insert_observers(self.graph, sites, keep_rows=SEARCH_ROWS)
+            # x^T x per layer too: AWQ measures weight error on every calibration row through it.
+            self.observers = insert_observers(self.graph, sites, keep_rows=SEARCH_ROWS, hessian=True)
             run_calibration(self.graph, calib, progress=progress)
             remove_observers(self.graph)
         self.calibrate_s = list(watch.times.values())[-1]

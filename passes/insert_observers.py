@@ -28,6 +28,10 @@ class ActivationObserver(nn.Module):
         self.amax: Tensor | None = None
         self.channel_amax: Tensor | None = None
         self.channel_abs_sum: Tensor | None = None
+        # Per-channel max over the even-numbered and the odd-numbered batches, and which of the two each kept
+        # sample came from: searches fit on one half and measure on the other (see `smoothquant.search_alpha`).
+        self.fold_channel_amax: list[Tensor | None] = [None, None]
+        self.sample_folds: list[int] = []
         self.rows_seen = 0
         self.samples: list[Tensor] = []
         self.batches = 0
@@ -47,6 +51,16 @@ class ActivationObserver(nn.Module):
         """Kept input rows `[rows, in_features]` (float32), or None if none were kept."""
         return torch.cat(self.samples)[: self.keep_rows] if self.samples else None
 
+    def folds(self) -> list[tuple[Tensor, Tensor]] | None:
+        """[(channel amax of one half of the batches, kept rows of the other half)] for both halves, or None when
+        either half saw nothing or kept no rows."""
+        if any(amax is None for amax in self.fold_channel_amax) or not self.samples:
+            return None
+        rows = [[s for s, f in zip(self.samples, self.sample_folds) if f == fold] for fold in (0, 1)]
+        if not rows[0] or not rows[1]:
+            return None
+        return [(self.fold_channel_amax[1 - fold], torch.cat(rows[fold])) for fold in (0, 1)]
+
     def merge(self, other: ActivationObserver) -> ActivationObserver:
         """Fold another observer of the same layer (another graph that saw other batches) into this one."""
         if other.channel_amax is not None:
@@ -60,10 +74,15 @@ class ActivationObserver(nn.Module):
             self.xtx = other.xtx.clone() if self.xtx is None else self.xtx + other.xtx
         self.rows_seen += other.rows_seen
         self.batches += other.batches
+        for fold in (0, 1):
+            mine, theirs = self.fold_channel_amax[fold], other.fold_channel_amax[fold]
+            if theirs is not None:
+                self.fold_channel_amax[fold] = theirs if mine is None else torch.maximum(mine, theirs)
         self.samples = (self.samples + other.samples)
+        self.sample_folds = (self.sample_folds + other.sample_folds)
         return self
 
-    def _keep(self, flat: Tensor) -> None:
+    def _keep(self, flat: Tensor, fold: int) -> None:
         room = self.keep_rows - sum(len(s) for s in self.samples)
         if room <= 0 or not len(flat):
             return
@@ -71,6 +90,7 @@ class ActivationObserver(nn.Module):
         take = min(room, len(flat), max(1, self.keep_rows // 8))
         index = torch.randperm(len(flat), generator=self._generator)[:take].to(flat.device)
         self.samples.append(flat[index].clone())
+        self.sample_folds.append(fold)
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -89,12 +109,15 @@ class ActivationObserver(nn.Module):
                 self.channel_amax = torch.maximum(self.channel_amax, channel_amax)
                 self.channel_abs_sum = self.channel_abs_sum + channel_sum
             self.amax = self.channel_amax.amax()
+            fold = self.batches % 2
+            previous = self.fold_channel_amax[fold]
+            self.fold_channel_amax[fold] = channel_amax if previous is None else torch.maximum(previous, channel_amax)
             if self.wants_hessian:
                 xtx = flat.t() @ flat
                 self.xtx = xtx if self.xtx is None else self.xtx + xtx
             self.rows_seen += len(flat)
             self.batches += 1
-            self._keep(flat)
+            self._keep(flat, fold)
         return x
 
 

@@ -102,8 +102,71 @@ def _quantize_weight(weight: Tensor, spec: QuantSpec) -> tuple[dict[str, Tensor]
 
 
 def fake_quantize_weight(weight: Tensor, spec: QuantSpec) -> Tensor:
-    """The weight as the recipe stores it, dequantized to float32 (for the algorithms' error searches)."""
+    """The weight as the recipe stores it, dequantized to float32 (for the algorithms' error searches).
+
+    Symmetric INT4/INT3 groups and NVFP4 take a direct path that skips packing the codes into nibbles and
+    unpacking them again (the searches call this hundreds of times per layer); it gives the same float32 values
+    bit for bit (tests/test_algorithms.py checks it against the stored path)."""
+    if spec.format in ("int4", "int3") and spec.granularity == "group" and spec.symmetric and weight.dim() == 2:
+        return _fake_quantize_int_groups(weight, int(spec.block_size), spec.bits)
+    if spec.format == "nvfp4" and weight.dim() >= 1:
+        return _fake_quantize_nvfp4(weight)
     return _quantize_weight(weight, spec)[2]
+
+
+def _grouped_padded(w: Tensor, group: int) -> Tensor:
+    rows, cols = w.shape
+    padded = -(-cols // group) * group
+    if padded != cols:
+        w = torch.nn.functional.pad(w, (0, padded - cols))
+    return w.reshape(rows, padded // group, group)
+
+
+def _fake_quantize_int_groups(weight: Tensor, group: int, bits: int) -> Tensor:
+    """numerics.dequantize_int4(numerics.quantize_int4(w, group, symmetric=True, bits)) without the packing."""
+    w = weight.detach().float()
+    numerics.check_finite(w, "weight to quantize_int4")
+    qmax = float(2 ** (bits - 1) - 1)
+    groups = _grouped_padded(w, group)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(groups / scale), -qmax - 1, qmax) + 0.0  # + 0.0: -0 codes are stored as +0
+    return (q * scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
+def _fake_quantize_nvfp4(x: Tensor, global_scale: Tensor | None = None) -> Tensor:
+    """numerics.dequantize_nvfp4(numerics.quantize_nvfp4(x, 16, global_scale)) without the packing, along the last
+    axis, with E2M1 rounding done arithmetically: steps of 0.5 below 2, of 1 below 4, of 2 up to 6, each with
+    ties to even (torch.round), which is the table rounding of SPEC section 4."""
+    v = x.detach().float()
+    numerics.check_finite(v, "tensor to quantize_nvfp4")
+    if global_scale is None:
+        amax = v.abs().amax() if v.numel() else torch.zeros(())
+        gs = amax / (numerics.E2M1_MAX * numerics.FP8_E4M3_MAX)
+    else:
+        gs = torch.as_tensor(global_scale, dtype=torch.float32).reshape(())
+    gs = torch.where(gs == 0, torch.ones_like(gs), gs)
+    lead, cols = v.shape[:-1], v.shape[-1]
+    padded = -(-cols // 16) * 16
+    if padded != cols:
+        v = torch.nn.functional.pad(v, (0, padded - cols))
+    blocks = v.reshape(*lead, padded // 16, 16)
+    s = blocks.abs().amax(dim=-1) / (numerics.E2M1_MAX * gs)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    block_scale = torch.clamp(s, max=numerics.FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    denom = (block_scale * gs).unsqueeze(-1)
+    underflow = denom == 0
+    scaled = blocks / torch.where(underflow, torch.ones_like(denom), denom)
+    a = scaled.abs()
+    magnitude = torch.where(a < 2.0, torch.round(a * 2.0) * 0.5, torch.where(a < 4.0, torch.round(a), torch.round(a * 0.5) * 2.0))
+    values = torch.copysign(magnitude.clamp(max=numerics.E2M1_MAX), scaled)
+    values = torch.where(underflow, torch.zeros_like(values), values)
+    return (values * denom).reshape(*lead, padded)[..., :cols]
+
+
+def fake_quantize_input_nvfp4(x: Tensor, global_scale: Tensor) -> Tensor:
+    """numerics.fake_quantize(x, "nvfp4", ..., scale=global_scale) in float32, for the algorithms' searches."""
+    return _fake_quantize_nvfp4(x, global_scale)
 
 
 _OP_FOR_FORMAT = {

@@ -55,22 +55,30 @@ def search_alpha(
     fake_quantize_weight: Callable[[Tensor], Tensor],
     fake_quantize_input: Callable[[Tensor, Tensor], Tensor],
     grid: tuple[float, ...] = ALPHA_GRID,
+    folds: list[tuple[Tensor, Tensor]] | None = None,
 ) -> float | None:
     """The alpha whose smoothed, quantized product is closest to the float product on sampled inputs.
 
     None (no smoothing) competes too: on layers without outlier channels smoothing only costs accuracy.
+    `folds`, [(per-channel amax, rows)], measures each candidate on rows that did not set the amax it is fitted
+    to (`ActivationObserver.folds`: one half of the batches against the other). Smoothing flattens every channel
+    up to the calibrated static range, so it leaves no headroom for a channel that exceeds its calibrated max;
+    judged on the rows that set those maxima it always looks better than it is on new inputs.
     """
-    sample = sample.float()
-    references = [sample @ w.float().t() for w in weights]
+    if folds is None:
+        folds = [(input_amax, sample)]
+    folds = [(amax.float(), rows.float()) for amax, rows in folds]
+    references = [[rows @ w.float().t() for w in weights] for _, rows in folds]
     best_alpha, best_error = None, float("inf")
     for alpha in (None, *grid):
-        scale = torch.ones_like(input_amax, dtype=torch.float32) if alpha is None else smoothing_scale(input_amax, weights, alpha)
-        smoothed = sample / scale
-        quantized_input = fake_quantize_input(smoothed, (input_amax / scale).amax())
-        error = sum(
-            (quantized_input @ fake_quantize_weight(w.float() * scale).t() - ref).pow(2).sum().item()
-            for w, ref in zip(weights, references)
-        )
+        error = 0.0
+        for (amax, rows), fold_references in zip(folds, references):
+            scale = torch.ones_like(amax) if alpha is None else smoothing_scale(amax, weights, alpha)
+            quantized_input = fake_quantize_input(rows / scale, (amax / scale).amax())
+            error += sum(
+                (quantized_input @ fake_quantize_weight(w.float() * scale).t() - ref).pow(2).sum().item()
+                for w, ref in zip(weights, fold_references)
+            )
         if error < best_error:
             best_alpha, best_error = alpha, error
     return best_alpha
@@ -89,7 +97,8 @@ def smooth_linears(
 
     `site.weight` becomes the smoothed weight (the quantization pass reads it) and the graph is rewritten so its
     float function is unchanged. `alpha=None` searches alpha per group on the observers' sampled rows, measuring
-    the error with the two fake-quantizers.
+    the error with the two fake-quantizers; where the observer saw two or more batches, each candidate is fitted to
+    one half of the batches and measured on the rows of the other (`ActivationObserver.folds`).
     """
     placeholder_values = placeholder_values or {}
     by_node = {site.node: site for site in sites}
@@ -102,7 +111,7 @@ def smooth_linears(
             if observer.sample is None or fake_quantize_weight is None or fake_quantize_input is None:
                 raise ValueError("alpha search needs sampled calibration rows and the recipe's fake-quantizers")
             group_alpha = search_alpha(observer.sample, observer.channel_amax, weights, fake_quantize_weight,
-                                       fake_quantize_input)
+                                       fake_quantize_input, folds=observer.folds())
             if group_alpha is None:  # smoothing loses here: leave the group as it is
                 for site in group:
                     new_amax[site.name] = observer.amax

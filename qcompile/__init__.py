@@ -29,7 +29,7 @@ from torch import nn
 from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
 from qcompile.calibration import calibrate, first_batch, run_calibration
 from qcompile.capture import capture
-from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq
+from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq, wants_hessian
 from qcompile.model import QuantizedModel, load
 from qcompile.lowering.onnx import export_onnx
 from qcompile.passes.find_linears import find_linears
@@ -92,7 +92,7 @@ def quantize(
             raise ValueError(f"recipe {recipe.name!r} runs GPTQ, which needs calibration data: pass calib=[batch, ...]")
         calibration_forward = functools.partial(run_calibration, calib=calib, desc="gptq inputs", progress=progress)
     elif needs_calibration(recipe):
-        observers = insert_observers(graph, sites, keep_rows=rows_to_keep(recipe))
+        observers = insert_observers(graph, sites, keep_rows=rows_to_keep(recipe), hessian=wants_hessian(recipe))
         run_calibration(graph, calib, progress=progress)
         remove_observers(graph)
 

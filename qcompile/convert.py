@@ -16,6 +16,7 @@ from qcompile.passes.insert_observers import ActivationObserver
 from qcompile.passes.quantize_linears import (
     LayerReport,
     _sqnr_db,
+    fake_quantize_input_nvfp4,
     fake_quantize_weight,
     quantize_linears,
     static_input_scale,
@@ -46,8 +47,9 @@ def rows_to_keep(recipe: Recipe) -> int:
 
 
 def wants_hessian(recipe: Recipe) -> bool:
-    """Observers sum x^T x only for GPTQ without sequential calibration (the torch.compile backend)."""
-    return runs_gptq(recipe)
+    """Whether observers sum x^T x: AWQ measures weight error on every calibration row through it, and GPTQ without
+    sequential calibration (the torch.compile backend) builds its one-shot Hessians from it."""
+    return runs_gptq(recipe) or recipe.algorithm == "awq"
 
 
 def algorithm_that_runs(recipe: Recipe, sequential: bool = True) -> str:
@@ -76,6 +78,8 @@ def input_fake_quantizer(recipe: Recipe):
         if spec is None:
             return x
         scale = None if spec.dynamic else static_input_scale(spec.format, amax)
+        if spec.format == "nvfp4" and scale is not None:  # the same values, without packing nibbles
+            return fake_quantize_input_nvfp4(x, scale)
         return numerics.fake_quantize(x, spec.format, spec.granularity, scale=scale).float()
 
     return fake_quantize
@@ -113,7 +117,8 @@ def convert(
     references: dict[str, Tensor] = {}
     if recipe.algorithm == "awq":
         input_amax, references = awq.awq_linears(
-            gm, sites, observers, lambda w: fake_quantize_weight(w, recipe.weights), input_fake_quantizer(recipe),
+            gm, sites, observers, lambda w: fake_quantize_weight(w, recipe.weights),
+            None if recipe.inputs is None else input_fake_quantizer(recipe),
             recipe.weights, placeholder_values, progress=progress,
         )
     elif runs_gptq(recipe):

@@ -252,6 +252,53 @@ def test_awq_searches_help_on_their_own():
     assert output_error(clipped) < output_error(w)
 
 
+@pytest.mark.parametrize("spec", [INT4, QuantSpec("int3", "group", block_size=128), QuantSpec("nvfp4", "block", 16)],
+                         ids=["int4", "int3", "nvfp4"])
+def test_search_fake_quantizer_is_the_stored_weight_bit_for_bit(spec):
+    """The searches' direct fake-quantizer (no nibble packing) gives exactly what the quantization pass stores."""
+    from qcompile.passes.quantize_linears import _quantize_weight, fake_quantize_weight
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 300, generator=g) * torch.rand(300, generator=g) * 4  # 300 inputs: a padded last group
+    w[0, :160] = 0.0  # all-zero groups and blocks
+    w[1, 7] = 1e-30  # a block whose FP8 scale underflows
+    w[2] = -1e-3 * torch.rand(300, generator=g)  # small negatives that round to (signed) zero
+    stored = _quantize_weight(w, spec)[2]
+    fast = fake_quantize_weight(w, spec)
+    assert torch.equal(fast, stored) and torch.equal(torch.signbit(fast), torch.signbit(stored))
+
+
+def test_awq_clip_on_the_second_moment_is_the_clip_on_the_rows():
+    """X^T X / N gives the same per-group errors as the rows themselves, so the same clipping."""
+    g = torch.Generator().manual_seed(6)
+    x = salient_batch(7, rows=512)
+    w = torch.randn(96, 256, generator=g)
+    on_rows = awq.search_clip(w, x, _fake_int4, 128)
+    on_moment = awq.search_clip(w, None, _fake_int4, 128, moment=x.t() @ x / len(x))
+    same_groups = (awq._grouped(on_rows, 128) == awq._grouped(on_moment, 128)).all(dim=2).float().mean().item()
+    assert not torch.equal(on_rows, w) and same_groups > 0.99, same_groups
+
+
+def test_awq_scale_on_the_second_moment_is_the_scale_on_the_rows():
+    x = salient_batch(8, rows=512)
+    w = torch.randn(192, 256, generator=torch.Generator().manual_seed(9))
+    args = (x.abs().mean(0), x.abs().amax(0), [w], _fake_int4)
+    scale_rows, alpha_rows = awq.search_scale(x, *args, None, 128)
+    scale_moment, alpha_moment = awq.search_scale(None, *args, None, 128, moment=x.t() @ x / len(x))
+    assert alpha_rows is not None and alpha_rows == alpha_moment
+
+
+def test_awq_nvfp4_clipping_keeps_the_global_scale():
+    """NVFP4's global scale comes from the whole tensor's max: the clipped weight keeps it, so its block scales
+    are the ones the search measured."""
+    x = salient_batch(10, rows=256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(11))
+    fake = lambda t: numerics.dequantize_nvfp4(numerics.quantize_nvfp4(t))  # noqa: E731
+    clipped = awq.search_clip(w, None, fake, 16, moment=x.t() @ x / len(x), tensor_scale=True)
+    assert not torch.equal(clipped, w)
+    assert numerics.quantize_nvfp4(clipped).global_scale == numerics.quantize_nvfp4(w).global_scale
+
+
 # ------------------------------------------------------------------------------------------------------ GPTQ
 
 
@@ -344,3 +391,17 @@ def test_algorithm_reports_say_what_runs():
     assert algorithm_that_runs(dataclasses.replace(r["fp8"], algorithm="awq")) == "awq (scale search)"
     assert algorithm_that_runs(r["int4_gptq"]).startswith("gptq (sequential")
     assert algorithm_that_runs(dataclasses.replace(r["nvfp4"], algorithm="gptq")).startswith("max (gptq needs")
+
+
+def test_search_input_fake_quantizer_is_numerics_nvfp4():
+    """The NVFP4 input fake-quantizer of the searches (static global scale) matches numerics.fake_quantize."""
+    from qcompile.passes.quantize_linears import fake_quantize_input_nvfp4
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 37, 200, generator=g) * 3
+    x[0, 0] = 0.0
+    x[1, 2, :50] = -1e-4
+    for global_scale in (x.abs().amax() / (6 * 448), x.abs().amax() / (6 * 448) / 4, torch.tensor(1.0)):
+        expected = numerics.fake_quantize(x, "nvfp4", "block", scale=global_scale)
+        got = fake_quantize_input_nvfp4(x, global_scale)
+        assert torch.equal(got, expected) and torch.equal(torch.signbit(got), torch.signbit(expected))
