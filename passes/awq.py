@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver
+from qcompile.passes.quantize_linears import grouped_padded
 from qcompile.passes.smoothquant import migrate_scale, shared_input_groups
 from qcompile.recipes import QuantSpec
 
@@ -62,15 +63,6 @@ def clips(spec: QuantSpec) -> bool:
     return quantization_group_size(spec, 1) is not None
 
 
-def _grouped(w: Tensor, group: int) -> Tensor:
-    """[O, I] -> [O, G, group], zero-padded along I (the layout quantize_int4 and quantize_nvfp4 use)."""
-    rows, cols = w.shape
-    padded = -(-cols // group) * group
-    if padded != cols:
-        w = torch.nn.functional.pad(w, (0, padded - cols))
-    return w.reshape(rows, padded // group, group)
-
-
 def weight_channel_mean(weights: list[Tensor], group: int | None) -> Tensor:
     """mean over output rows of |W| relative to its quantization group's max, per input channel."""
     w = torch.cat([w.detach().float() for w in weights]).abs()
@@ -78,7 +70,7 @@ def weight_channel_mean(weights: list[Tensor], group: int | None) -> Tensor:
     if group is None:
         normalized = w / w.amax(dim=1, keepdim=True).clamp(min=_EPS)
     else:
-        grouped = _grouped(w, group)
+        grouped = grouped_padded(w, group)
         normalized = (grouped / grouped.amax(dim=2, keepdim=True).clamp(min=_EPS)).reshape(w.shape[0], -1)[:, :cols]
     return normalized.mean(dim=0)
 
@@ -169,13 +161,13 @@ def search_clip(
             return fake_quantize_weight(candidate).float()
         return fake_quantize_weight(torch.cat([candidate, anchor])).float()[:rows]
 
-    grouped = _grouped(w, group)  # [O, G, group]
+    grouped = grouped_padded(w, group)  # [O, G, group]
     if moment is not None:
         padded = grouped.shape[1] * group
         m = torch.nn.functional.pad(moment.float(), (0, padded - cols, 0, padded - cols))
         blocks = torch.stack([m[i : i + group, i : i + group] for i in range(0, padded, group)])  # [G, group, group]
     else:
-        x = _grouped(sample.float(), group).transpose(0, 1)  # [G, N, group]
+        x = grouped_padded(sample.float(), group).transpose(0, 1)  # [G, N, group]
     if symmetric:
         high = grouped.abs().amax(dim=2)
         low = -high
@@ -189,7 +181,7 @@ def search_clip(
     for ratio in ratios:
         clipped = torch.maximum(torch.minimum(grouped, (high * ratio)[..., None]), (low * ratio)[..., None])
         clipped = clipped.reshape(rows, -1)[:, :cols]
-        delta = _grouped(w - quantize(clipped), group)  # [O, G, group]
+        delta = grouped_padded(w - quantize(clipped), group)  # [O, G, group]
         if moment is not None:
             error = (torch.einsum("ogi,gij->ogj", delta, blocks) * delta).sum(dim=2)
         else:

@@ -114,7 +114,8 @@ def fake_quantize_weight(weight: Tensor, spec: QuantSpec) -> Tensor:
     return _quantize_weight(weight, spec)[2]
 
 
-def _grouped_padded(w: Tensor, group: int) -> Tensor:
+def grouped_padded(w: Tensor, group: int) -> Tensor:
+    """[O, I] -> [O, G, group], zero-padded along I (the layout quantize_int4 and quantize_nvfp4 use)."""
     rows, cols = w.shape
     padded = -(-cols // group) * group
     if padded != cols:
@@ -127,7 +128,7 @@ def _fake_quantize_int_groups(weight: Tensor, group: int, bits: int) -> Tensor:
     w = weight.detach().float()
     numerics.check_finite(w, "weight to quantize_int4")
     qmax = float(2 ** (bits - 1) - 1)
-    groups = _grouped_padded(w, group)
+    groups = grouped_padded(w, group)
     scale = groups.abs().amax(dim=-1, keepdim=True) / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(groups / scale), -qmax - 1, qmax) + 0.0  # + 0.0: -0 codes are stored as +0

@@ -332,7 +332,9 @@ def test_int8_error_bound(x, granularity):
     t = quantize_int8(torch.from_numpy(x), granularity)
     err = np.abs(_np(dequantize_int8(t)) - x)
     scale = np.broadcast_to(_np(t.scale), x.shape)
-    assert np.all(err <= scale * (0.5 + 1e-5) + np.abs(x) * 2.0**-22)
+    # amax/127 of a subnormal amax is itself rounded to a multiple of 2^-149: up to 127 codes times that rounding
+    subnormal_scale = 127 * 2.0**-150
+    assert np.all(err <= scale * (0.5 + 1e-5) + np.abs(x) * 2.0**-22 + subnormal_scale)
     assert _np(t.q).min() >= -127
 
 
