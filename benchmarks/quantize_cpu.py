@@ -12,8 +12,9 @@ latency / FP32 eager latency, with the FP32 calls timed alternately with the mod
 during the run cancels out); the FP32 row shows the median over all of them. "out cos" is the cosine similarity of the whole output (hidden states or logits)
 with the FP32 output on the timed batch.
 
-On the CPU the qcompile:: ops run their plain-PyTorch reference (dequantize the weight, fake-quantize the input,
-multiply in FP32) on every call, so quantized latency here is a measure of overhead, not of speed-up.
+The latency here is the eager QuantizedModel (no torch.compile): INT8 and 4-bit layers run the CPU kernels of
+`qcompile.lowering.cpu`, FP8 the plain-PyTorch reference. For speed under torch.compile, next to torchao, see
+benchmarks/cpu.py.
 """
 
 from __future__ import annotations
