@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import platform
@@ -41,6 +42,7 @@ import torch  # noqa: E402
 
 import qcompile as qc  # noqa: E402
 from qcompile import hf  # noqa: E402
+from qcompile.convert import needs_calibration  # noqa: E402
 from qcompile.eval import format_table  # noqa: E402
 from quantize_cpu import _paired_latency as _paired  # noqa: E402  (FP32 and variant timed alternately)
 
@@ -49,14 +51,14 @@ DECODE_RECIPES = ("int4_awq", "nvfp4_weight_only")
 BATCH, SEQ = 8, 128
 
 
-def _hidden(output) -> torch.Tensor:
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-
-def _needs_data(recipe: str) -> bool:
-    from qcompile.convert import needs_calibration
-
-    return needs_calibration(qc.RECIPES[recipe])
+def _backend(model, recipe: str, calib: list[dict]):
+    """`torch.compile(model, backend="quant")`, calibrated on `calib` (keyword batches) where the recipe needs data."""
+    compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
+    if needs_calibration(qc.RECIPES[recipe]):
+        with qc.calibrate(compiled), torch.no_grad():
+            for batch in calib:
+                compiled(**batch)
+    return compiled
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -102,21 +104,10 @@ def _qcompile_variants(model, calib: list[dict], recipes, progress: bool):
 
         return build
 
-    def via_backend(recipe):
-        def build():
-            compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
-            if _needs_data(recipe):
-                with qc.calibrate(compiled), torch.no_grad():
-                    for batch in calib:
-                        compiled(**batch)
-            return compiled
-
-        return build
-
     variants = []
     for recipe in recipes:
         variants.append((f"qcompile {recipe}: torch.compile(qcompile.quantize(...))", via_quantize(recipe)))
-        variants.append((f"qcompile {recipe}: backend='quant'", via_backend(recipe)))
+        variants.append((f"qcompile {recipe}: backend='quant'", functools.partial(_backend, model, recipe, calib)))
     return variants
 
 
@@ -187,25 +178,15 @@ def bench_decode(args) -> dict:
     text = hf.wiki_text()
     prompt = tokenizer(text[:2000], return_tensors="pt", add_special_tokens=False)["input_ids"][:, : args.prompt]
     news = tokenizer(hf.news_text()[:40000], return_tensors="pt", add_special_tokens=False)["input_ids"]
-    calib = [news[:, i * 256 : (i + 1) * 256] for i in range(args.decode_calib)]
+    calib = [{"input_ids": news[:, i * 256 : (i + 1) * 256], "use_cache": False} for i in range(args.decode_calib)]
     print(f"\n== decode: SmolLM2-135M, batch 1, prompt {prompt.shape[1]} tokens, {args.steps} timed steps", flush=True)
 
     fp32_s, ref_logits, tokens = _decode_run(model, prompt, None, args.steps, args.warmup)
     print(f"FP32 eager: {fp32_s * 1e3:.1f} ms/token", flush=True)
 
-    def backend(recipe):
-        def build():
-            compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
-            if _needs_data(recipe):
-                with qc.calibrate(compiled), torch.no_grad():
-                    for window in calib:
-                        compiled(input_ids=window, use_cache=False)
-            return compiled
-
-        return build
-
     variants = [("FP32 inductor", lambda: torch.compile(model))]
-    variants += [(f"qcompile {recipe}: backend='quant'", backend(recipe)) for recipe in args.decode_recipes]
+    variants += [(f"qcompile {recipe}: backend='quant'", functools.partial(_backend, model, recipe, calib))
+                 for recipe in args.decode_recipes]
     rows = [{"variant": "FP32 eager", "latency_s": fp32_s, "speedup": 1.0, "cos_mean": 1.0, "top1_agree": 1.0}]
     fp32_times = [fp32_s]
     for label, build in variants:

@@ -33,6 +33,7 @@ import torch
 import qcompile
 from qcompile import hf
 from qcompile.capture import capture
+from qcompile.eval import format_table
 
 MODELS = ("minilm", "llama")
 
@@ -157,10 +158,10 @@ def bench_model(name: str, recipes: list[str], args) -> dict:
     return {"model": name, "description": description, "float_bytes": float_bytes, "rows": rows}
 
 
-def format_table(result: dict) -> str:
+def result_table(result: dict) -> str:
     header = ("recipe", "algorithm", "quantize s", "MB", "size", "bits/w", "latency ms", "fp32 ms", "vs fp32",
               "out cos")
-    lines = [header]
+    lines = []
     float_bytes = result["float_bytes"]
     for row in result["rows"]:
         if "skipped" in row:
@@ -178,13 +179,7 @@ def format_table(result: dict) -> str:
             f"{row['latency_ratio']:.2f}x",
             f"{row['output_cosine']:.4f}",
         ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for i, line in enumerate(lines):
-        out.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))).rstrip())
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return format_table(header, lines, left=2)
 
 
 def _split(value: str, valid, what: str, parser) -> list[str]:
@@ -224,7 +219,7 @@ def main(argv=None) -> int:
     for result in results:
         threads = torch.get_num_threads()
         print(f"\n{result['model']}: {result['description']}; {threads} thread{'s' if threads != 1 else ''}")
-        print(format_table(result))
+        print(result_table(result))
     print("\nsize: model bytes / FP32 bytes (embeddings and lm_head stay FP32); fp32 ms: FP32 eager latency timed "
           "alternately with that row's model; vs fp32: latency / fp32 ms")
     print(f"total {total_s:.1f}s")

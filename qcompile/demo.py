@@ -56,9 +56,11 @@ def _bits_per_weight(layers) -> float:
 
 
 def _format_table(rows: list[dict]) -> str:
+    from qcompile.eval import format_table
+
     header = ("recipe", "algorithm", "bits/w", "model MB", "vs fp32", "cos mean", "cos worst",
               "quantize s", "eval s")
-    lines = [header]
+    lines = []
     for row in rows:
         lines.append((
             row["recipe"],
@@ -71,14 +73,7 @@ def _format_table(rows: list[dict]) -> str:
             "-" if row["quantize_s"] is None else f"{row['quantize_s']:.1f}",
             f"{row['eval_s']:.1f}",
         ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = []
-    for i, line in enumerate(lines):
-        cells = [cell.ljust(width) if j < 2 else cell.rjust(width) for j, (cell, width) in enumerate(zip(line, widths))]
-        text.append("  ".join(cells).rstrip())
-        if i == 0:
-            text.append("  ".join("-" * width for width in widths))
-    return "\n".join(text)
+    return format_table(header, lines, left=2)
 
 
 def main(argv: list[str] | None = None) -> int:
