@@ -92,8 +92,8 @@ def _torchao_variants(model, timed: dict, calib: list[dict]):
         return torch.compile(copied)
 
     return [
-        ("torchao PT2E static INT8 (X86InductorQuantizer), inductor+freezing", pt2e_static),
-        ("torchao Int8DynamicActivationInt8Weight, inductor+freezing", int8_dynamic),
+        ("torchao PT2E static INT8 (X86InductorQuantizer), inductor+freezing", pt2e_static, True),
+        ("torchao Int8DynamicActivationInt8Weight, inductor+freezing", int8_dynamic, True),
     ]
 
 
@@ -106,8 +106,8 @@ def _qcompile_variants(model, calib: list[dict], recipes, progress: bool):
 
     variants = []
     for recipe in recipes:
-        variants.append((f"qcompile {recipe}: torch.compile(qcompile.quantize(...))", via_quantize(recipe)))
-        variants.append((f"qcompile {recipe}: backend='quant'", functools.partial(_backend, model, recipe, calib)))
+        variants.append((f"qcompile {recipe}: torch.compile(qcompile.quantize(...)), freezing", via_quantize(recipe), True))
+        variants.append((f"qcompile {recipe}: backend='quant'", functools.partial(_backend, model, recipe, calib), False))
     return variants
 
 
@@ -120,14 +120,18 @@ def bench_encoder(args) -> dict:
     reference = hf.sentence_embeddings(model, evaluation)
     print(f"\n== encoder: all-MiniLM-L6-v2, batch {BATCH}x{SEQ}, {len(sentences)} sentences for cosine", flush=True)
 
-    variants = [("FP32 inductor", lambda: torch.compile(model))]
+    variants = [("FP32 inductor", lambda: torch.compile(model), False)]
+    if "int8_dynamic" in args.recipes:  # the entry point without freezing: torch._int_mm, no prepacked weights
+        variants.append(("qcompile int8_dynamic: torch.compile(qcompile.quantize(...)), no freezing",
+                         lambda: torch.compile(qc.quantize(model, "int8_dynamic", calib=calib, progress=args.progress)), False))
     variants += _qcompile_variants(model, calib, args.recipes, args.progress)
     variants += _torchao_variants(model, timed, calib)
     rows, fp32_times = [], []
-    for label, build in variants:
+    for label, build, freezing in variants:
         torch._dynamo.reset()
         start = time.perf_counter()
-        freezing = label.startswith("torchao")
+        # torchao and torch.compile(qm) freeze through inductor's global flag, which dynamo reads when it traces;
+        # backend='quant' sets freezing for its own graphs
         with torch._inductor.config.patch(freezing=freezing):
             compiled = build()
             with torch.no_grad():

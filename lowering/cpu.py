@@ -68,22 +68,28 @@ def _(scale, amax):
     return torch.empty_like(scale)
 
 
-def _input_scale(x2d: Tensor, input_scale: Tensor | None, granularity: str, fmt_max: float) -> tuple[Tensor, Tensor]:
-    """(scale, amax) of a 2-D float32 activation: amax/fmt_max per token or tensor, or the calibrated scale.
+def _input_scale(x: Tensor, input_scale: Tensor | None, granularity: str, fmt_max: float) -> tuple[Tensor, Tensor]:
+    """(scale, amax) of a float32 activation: amax/fmt_max per token (last dim) or tensor, or the calibrated scale.
 
     `amax` is there to be checked (`checked_input_scale`) before the scale is used again; with a static scale it is
     computed only for that check.
     """
-    amax = x2d.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x2d.abs().amax()
+    amax = x.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x.abs().amax()
     scale = amax / fmt_max if input_scale is None else input_scale.to(torch.float32)
     return torch.where(scale == 0, torch.ones_like(scale), scale), amax
 
 
+def int8_codes(x: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes as float32, scale float32 [..., 1] or [], amax) of a float32 activation: `numerics.quantize_int8`
+    before its cast to int8."""
+    scale, amax = _input_scale(x, input_scale, granularity, numerics.INT8_MAX)
+    return torch.clamp(torch.round(x / scale), -numerics.INT8_MAX, numerics.INT8_MAX), scale, amax
+
+
 def quantize_rows_int8(x2d: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
     """(q int8 [M, K], scale float32 [M, 1] or [], amax) for a 2-D float32 activation, as `numerics.quantize_int8`."""
-    scale, amax = _input_scale(x2d, input_scale, granularity, numerics.INT8_MAX)
-    q = torch.clamp(torch.round(x2d / scale), -numerics.INT8_MAX, numerics.INT8_MAX).to(torch.int8)
-    return q, scale, amax
+    codes, scale, amax = int8_codes(x2d, input_scale, granularity)
+    return codes.to(torch.int8), scale, amax
 
 
 def int8_linear_int_mm(
@@ -251,5 +257,5 @@ def _register_inductor_decomposition() -> None:
 
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "decompose_int8_linear", "int4_linear", "int4_weight", "int8_linear",
-           "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register",
+           "int8_codes", "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register",
            "decompose_fp8_linear"]

@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile import calibration, numerics
+from qcompile.lowering import onednn
 from qcompile.passes.find_linears import LinearSite, find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
 from qcompile.convert import convert, needs_calibration, rows_to_keep, wants_hessian
@@ -127,7 +128,12 @@ class QuantizedGraph:
             # A fresh module without dynamo's metadata: the quantized buffers are new attributes dynamo never saw.
             context = self._tracing_context if torch._guards.TracingContext.try_get() is None else None
             with torch.no_grad(), torch._guards.tracing(context) if context is not None else contextlib.nullcontext():
-                compiled = compile_fx(fx.GraphModule(self.gm, self.gm.graph), self.example_inputs)
+                # INT8 × INT8 layers on the CPU: frozen, for oneDNN's prepacked GEMM (qcompile.lowering.onednn); the
+                # float parameters left in the graph freeze with them, as in any frozen inference graph
+                frozen = onednn.rewrite_int8_linears(self.gm) > 0
+                compiled = compile_fx(
+                    fx.GraphModule(self.gm, self.gm.graph), self.example_inputs, config_patches={"freezing": frozen}
+                )
         else:
             compiled = self.gm.forward
         self._run = torch.no_grad()(compiled)  # quantized graphs are for inference: no autograd formulas

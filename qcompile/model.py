@@ -55,10 +55,31 @@ class QuantizedModel(nn.Module):
                     if id(param) not in frozen:
                         frozen[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
                     module._parameters[key] = frozen[id(param)]
+        self._build_frozen_graph()
+
+    def _build_frozen_graph(self) -> None:
+        """The graph that `torch.compile(qm)` traces when inductor freezes: INT8 layers on the CPU in the pattern
+        inductor prepacks for oneDNN (`qcompile.lowering.onednn`). It shares the tensors of `graph_module` and is
+        kept off the module tree (not a submodule: not in the state dict, not counted twice)."""
+        from qcompile.lowering import onednn
+
+        graph = fx.Graph()
+        graph._codegen = self.graph_module.graph._codegen  # the calling convention (pytree specs), shared
+        graph.output(graph.graph_copy(self.graph_module.graph, {}))
+        variant = fx.GraphModule(self.graph_module, graph)
+        object.__setattr__(self, "_frozen_graph_module", variant if onednn.rewrite_int8_linears(variant) else None)
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() replace the tensors
+        self._build_frozen_graph()
+        return result
 
     def forward(self, *args, **kwargs):
+        graph_module = self.graph_module
+        if self._frozen_graph_module is not None and torch.compiler.is_compiling() and _inductor_freezes():
+            graph_module = self._frozen_graph_module
         try:
-            return self.graph_module(*args, **kwargs)
+            return graph_module(*args, **kwargs)
         except AssertionError as error:
             if "Guard failed" not in str(error):
                 raise
@@ -165,6 +186,15 @@ class QuantizedModel(nn.Module):
             meta["algorithm"],
             meta.get("float_bytes"),
         )
+
+
+@torch.compiler.assume_constant_result
+def _inductor_freezes() -> bool:
+    """Inductor's own test for freezing a graph, read when dynamo traces (as dynamo reads it to decide whether
+    module tensors become graph constants)."""
+    from torch._inductor import config
+
+    return bool(config.freezing) and not torch.is_grad_enabled()
 
 
 def load(directory: str | os.PathLike) -> QuantizedModel:

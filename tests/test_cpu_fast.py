@@ -14,6 +14,7 @@ from torch._inductor.utils import run_and_get_code
 import qcompile as qc
 from qcompile import numerics
 from qcompile.lowering import cpu as cpu_lowering
+from qcompile.lowering import onednn
 from qcompile.lowering import torch_reference as ref
 
 REL_TOL = 1e-5
@@ -160,18 +161,109 @@ def test_compiled_quantized_model_runs_the_integer_kernel(recipe):
         assert _rel(out, qm(x)) <= REL_TOL  # the eager QuantizedModel (itself checked against the reference above)
 
 
-def test_backend_runs_the_integer_kernel():
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_backend_runs_prepacked_onednn_gemm(recipe):
+    """backend='quant' freezes its INT8 graphs: inductor prepacks the weights for oneDNN's INT8 GEMM."""
     model = _mlp()
-    compiled = torch.compile(model, backend="quant", options={"recipe": "int8_dynamic"})
-    x = torch.randn(3, 5, 64)
-    out, code = _compiled_code(compiled, x)
-    assert "extern_kernels._int_mm(" in code
-    # against the reference lowering of the same quantized weights, computed here from the float model
-    hidden = torch.nn.functional.gelu(_reference_layer(model[0], x))
-    want = _reference_layer(model[2], hidden)
-    # Two layers: float32 rounding differences in the first can move one INT8 code of the second's input by one
-    # step, about 1e-3 of the output; a wrong scale or layout is off by far more.
-    assert _rel(out, want) <= 2e-3
+    compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
+    eager = torch.compile(model, backend="quant", options={"recipe": recipe, "compiler": "eager"})
+    if recipe == "int8_sq":
+        for fn in (compiled, eager):
+            with qc.calibrate(fn), torch.no_grad():
+                for batch in _calib():
+                    fn(batch)
+    torch._dynamo.reset()
+    for shape in [(3, 5, 64), (2, 11, 64)]:  # a second shape recompiles, with dynamic sizes
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            out, code = run_and_get_code(compiled, x)
+        code = "\n".join(code)
+        assert code.count(_ONEDNN_CALL) == 2 and "_int_mm" not in code and "qcompile.int8_linear" not in code
+        with torch.no_grad():
+            want = eager(x)  # the same quantized graph, run by the eager CPU kernels checked above
+        # Two layers: float32 rounding differences in the first can move one INT8 code of the second's input by one
+        # step, about 1e-3 of the output; a wrong scale, zero point or layout is off by far more.
+        assert _rel(out, want) <= 2e-3
+    if recipe == "int8_dynamic":  # and against the reference lowering computed here from the float model
+        hidden = torch.nn.functional.gelu(_reference_layer(model[0], x))
+        assert _rel(out, _reference_layer(model[2], hidden)) <= 2e-3
+
+
+_ONEDNN_CALL = "torch.ops.onednn.qlinear_pointwise"
+
+
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_compiled_quantized_model_with_freezing_runs_prepacked_gemm(recipe):
+    qm = qc.quantize(_mlp(), recipe, calib=_calib(), progress=False)
+    x = torch.randn(2, 7, 64)
+    with torch._inductor.config.patch(freezing=True):
+        out, code = _compiled_code(torch.compile(qm), x)
+    assert code.count(_ONEDNN_CALL) == 2 and "_int_mm" not in code
+    with torch.no_grad():
+        assert _rel(out, qm(x)) <= 2e-3
+    # freezing asked of inductor alone (dynamo keeps the weights as inputs): the _int_mm path, not a broken prepack
+    out, code = _compiled_code(torch.compile(qm, options={"freezing": True}), x)
+    assert "extern_kernels._int_mm(" in code and _ONEDNN_CALL not in code
+    with torch.no_grad():
+        assert _rel(out, qm(x)) <= REL_TOL
+
+
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_onednn_pattern_computes_the_int8_product(granularity):
+    """The rewritten graph, run eagerly (dequantize ops as float math on integer values), is the reference."""
+    x = torch.randn(3, 6, 40) * 2
+    x[0, 1] = 0.0
+    weight, weight_scale = _weight(24, 40, "channel", 7)
+    bias = torch.randn(24)
+    scale = torch.tensor(0.03) if granularity == "tensor" else None
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, value in [("w", weight), ("ws", weight_scale), ("b", bias), ("s", scale)]:
+                if value is not None:
+                    self.register_buffer(name, value)
+
+        def forward(self, x):
+            s = None if scale is None else self.s
+            return torch.ops.qcompile.int8_linear.default(x, self.w, self.ws, self.b, s, "int8", granularity)
+
+    gm = torch.fx.symbolic_trace(Layer())
+    assert onednn.rewrite_int8_linears(gm) == 1
+    assert not any(node.target is torch.ops.qcompile.int8_linear.default for node in gm.graph.nodes)
+    got = gm(x)
+    assert _rel(got, _float64_product(x, weight, weight_scale, bias, scale, granularity)) <= REL_TOL
+    x[2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        gm(x)
+
+
+def test_onednn_rewrite_leaves_other_layers_alone():
+    weight, weight_scale = _weight(8, 16, "channel", 8)
+
+    class Layers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", weight)
+            self.register_buffer("ws", weight_scale)
+            self.register_buffer("k1", weight[:, :1].contiguous())
+
+        def forward(self, x):
+            weight_only = torch.ops.qcompile.int8_linear.default(x, self.w, self.ws, None, None, "none", "tensor")
+            k_of_one = torch.ops.qcompile.int8_linear.default(x[..., :1], self.k1, self.ws, None, None, "int8", "token")
+            return weight_only + k_of_one
+
+    gm = torch.fx.symbolic_trace(Layers())
+    assert onednn.rewrite_int8_linears(gm) == 0
+
+
+def test_quantized_model_keeps_one_copy_of_its_tensors():
+    qm = qc.quantize(_mlp(), "int8_dynamic", calib=_calib(), progress=False)
+    assert all(not name.startswith("_frozen") for name in qm.state_dict())
+    frozen = dict(qm._frozen_graph_module.named_buffers())
+    assert frozen and all(value is qm.graph_module.get_buffer(name) for name, value in frozen.items())
+    qm.to(torch.float32)  # a move rebuilds the frozen variant on the moved tensors
+    assert all(value is qm.graph_module.get_buffer(name) for name, value in qm._frozen_graph_module.named_buffers())
 
 
 def _reference_layer(linear, x):
@@ -180,9 +272,17 @@ def _reference_layer(linear, x):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_compiled_fast_path_rejects_non_finite_input(bad):
-    qm = qc.quantize(_mlp(), "int8_sq", calib=_calib(), progress=False)
-    compiled = torch.compile(qm)
+@pytest.mark.parametrize("entry", ["quantize", "backend_int8_sq", "backend_int8_dynamic"])
+def test_compiled_fast_path_rejects_non_finite_input(bad, entry):
+    if entry == "quantize":
+        compiled = torch.compile(qc.quantize(_mlp(), "int8_sq", calib=_calib(), progress=False))
+    else:
+        recipe = entry.removeprefix("backend_")
+        compiled = torch.compile(_mlp(), backend="quant", options={"recipe": recipe})
+        if recipe == "int8_sq":
+            with qc.calibrate(compiled), torch.no_grad():
+                for batch in _calib():
+                    compiled(batch)
     x = torch.randn(2, 7, 64)
     with torch.no_grad():
         compiled(x)

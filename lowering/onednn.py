@@ -1,0 +1,114 @@
+"""INT8 layers for frozen CPU graphs: the pattern inductor's x86 passes turn into oneDNN's prepacked INT8 GEMM.
+
+    from qcompile.lowering import onednn
+    onednn.rewrite_int8_linears(gm)   # then compile gm with inductor and freezing on
+
+Inductor, when it freezes a graph (`torch._inductor.config.freezing`, inference), rewrites PyTorch 2 quantization's
+`dequantize_per_tensor(uint8 x) → linear(x, dequantize_per_channel(constant int8 weight))` into oneDNN's
+`qlinear_pointwise` on a weight prepacked once, and fuses what follows (bias, GELU, ...) into that call. This pass
+writes each `qcompile::int8_linear` with INT8 inputs in that form, keeping SPEC §4's numerics:
+
+- the codes are the reference's (x / scale, round half to even, clamp to ±127), shifted by +128 into uint8 with
+  zero point 128: oneDNN's VNNI kernels take u8 × s8, and the shift gives the same integers, so the product is the
+  same exact sum as `torch._int_mm`'s;
+- a static per-tensor scale (`int8_sq`) is oneDNN's input scale, so the float ops after the GEMM fuse into it; a
+  per-token scale (`int8_dynamic`) is applied after the GEMM, as in the eager path: (acc · s_w) · s_x + bias;
+- non-finite inputs raise the same ValueError as the eager path (`checked_input_scale`).
+
+The weight must be a constant of the graph being compiled, so the pass is for graphs whose quantized weights are
+their own attributes, compiled with freezing: `backend="quant"` does it for its INT8 graphs, and a `QuantizedModel`
+for `torch.compile(qm)` under `torch._inductor.config.freezing = True`. Measured on MiniLM (`benchmarks/cpu.py`),
+the GEMM itself runs at the speed of `torch._int_mm`: the gain is the elementwise work that oneDNN takes over.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops)
+from torch import Tensor, fx
+
+from qcompile.lowering import cpu
+
+_DECOMPOSED = torch.ops.quantized_decomposed
+
+
+def _weight_scaled(weight: Tensor, weight_scale: Tensor) -> Tensor:
+    scales = weight_scale.to(torch.float32).reshape(-1).expand(weight.shape[0]).contiguous()
+    return _DECOMPOSED.dequantize_per_channel.default(weight, scales, None, 0, -128, 127, torch.int8)
+
+
+def per_token_pattern(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """Dynamic per-token INT8: codes at zero point 128 and scale 1 into the GEMM, the token scale after it."""
+    codes, scale, amax = cpu.int8_codes(x.to(torch.float32), None, "token")
+    shifted = _DECOMPOSED.dequantize_per_tensor.default((codes + 128).to(torch.uint8), 1.0, 128, 0, 255, torch.uint8)
+    out = torch.nn.functional.linear(shifted, _weight_scaled(weight, weight_scale)) * cpu.checked_input_scale(scale, amax)
+    return out if bias is None else out + bias.to(torch.float32)
+
+
+def per_tensor_pattern(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor, scale_value: float
+) -> Tensor:
+    """Static per-tensor INT8: `scale_value` (the value of `input_scale`) is oneDNN's input scale."""
+    x = x.to(torch.float32)
+    checked = cpu.checked_input_scale(input_scale.to(torch.float32), x.abs().amax())
+    codes, _, _ = cpu.int8_codes(x, checked, "tensor")
+    shifted = (codes + 128).to(torch.uint8)
+    dequantized = _DECOMPOSED.dequantize_per_tensor.default(shifted, scale_value, 128, 0, 255, torch.uint8)
+    bias = None if bias is None else bias.to(torch.float32)
+    return torch.nn.functional.linear(dequantized, _weight_scaled(weight, weight_scale), bias)
+
+
+def _attribute(gm: fx.GraphModule, node: fx.Node) -> Tensor:
+    return functools.reduce(getattr, node.target.split("."), gm)
+
+
+def _is_cpu_int8_gemm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not torch.ops.qcompile.int8_linear.default:
+        return False
+    x, weight, weight_scale, bias, input_scale, input_format, granularity = node.args
+    if input_format != "int8" or weight.op != "get_attr":
+        return False
+    value = _attribute(gm, weight)
+    example = x.meta.get("val")
+    return (
+        value.device.type == "cpu"
+        and value.dim() == 2
+        and granularity in ("token", "tensor")
+        and (granularity == "token" or (input_scale is not None and input_scale.op == "get_attr"))
+        and 1 < value.shape[1] <= cpu.MAX_EXACT_K
+        and (example is None or example.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    )
+
+
+def rewrite_int8_linears(gm: fx.GraphModule) -> int:
+    """Replace every CPU `qcompile::int8_linear` with INT8 inputs by the pattern above; returns how many."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if not _is_cpu_int8_gemm(gm, node):
+            continue
+        x, weight, weight_scale, bias, input_scale, _, granularity = node.args
+        if granularity == "token":
+            fn, args = per_token_pattern, (x, weight, weight_scale, bias)
+        else:
+            value = float(_attribute(gm, input_scale))
+            fn, args = per_tensor_pattern, (x, weight, weight_scale, bias, input_scale, value)
+        # calling the pattern function on proxies of the node's inputs appends its ops to gm's graph, here
+        tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+        proxies = [fx.Proxy(arg, tracer) if isinstance(arg, fx.Node) else arg for arg in args]
+        with gm.graph.inserting_before(node):
+            out = fn(*proxies)
+            if node.meta.get("val") is not None and node.meta["val"].dtype != torch.float32:
+                out = out.to(node.meta["val"].dtype)
+        out = out.node
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+__all__ = ["per_tensor_pattern", "per_token_pattern", "rewrite_int8_linears"]
