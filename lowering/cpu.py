@@ -10,7 +10,9 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
   stored INT8 weight with `torch._int_mm` (oneDNN s8×s8→s32, VNNI), then scaled once per output element. The
   integer product is exact, so the result is the reference's up to float32 rounding of the final scaling: about 9×
   faster than the float32 GEMM for MiniLM's shapes. Under inductor the op is decomposed into these steps
-  (`decompose_int8_linear`) so that the quantization and the scaling fuse into the surrounding kernels.
+  (`decompose_int8_linear`) so that the quantization and the scaling fuse into the surrounding kernels. Graphs that
+  inductor freezes take `qcompile.lowering.onednn` instead (oneDNN's GEMM on prepacked weights, with the float ops
+  after it fused into the call): `backend="quant"` always, `torch.compile(qm)` under inductor's freezing flag.
 - int4_linear and nvfp4_linear: the 4-bit kernel of `native` (C, compiled on first use) multiplies straight from
   the packed codes for small batches (decode steps) and dequantizes once for larger ones. PyTorch's own packed INT4
   kernel (`_weight_int4pack_mm_for_cpu`) is fast only for bfloat16 activations, which would round every activation

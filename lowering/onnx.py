@@ -373,7 +373,9 @@ class _Translation:
         if fmt == "none":
             return x, None
         if fmt in ("int8", "fp8_e4m3"):
-            zero = self.const(0, "int8") if fmt == "int8" else self.fp8_zero()
+            # INT8 codes travel as uint8 at zero point 128 (the same integers, shifted): ONNX Runtime's x86 integer
+            # kernels multiply u8 activations by s8 weights natively (VNNI) and take a slower path for s8 × s8
+            zero = self.const(128, "uint8") if fmt == "int8" else self.fp8_zero()
             qmax = _INT8_MAX if fmt == "int8" else _FP8_MAX
             if scale is not None:  # static scale from calibration
                 if fmt == "int8":

@@ -5,7 +5,9 @@ subgraph (one per graph break) to `quant_backend`, with parameters as placeholde
 `nn.Parameter`s. Weight-only and dynamic recipes are converted at once. Recipes that need data (static activation
 scales, SmoothQuant) start observed: inside `qcompile.calibrate(compiled)` the graph runs in float and records
 activation statistics, and on exit it is converted. The statistics are kept per weight tensor, so a graph compiled
-later for a new input shape is converted at once.
+later for a new input shape is converted at once. Quantized graphs are compiled by inductor; those with INT8 × INT8
+layers on the CPU are frozen (a setting of that compile alone), so that their weights are prepacked for oneDNN
+(`qcompile.lowering.onednn`).
 
 GPTQ here is one-shot: the backend cannot feed the calibration batches again, so each layer's Hessian is summed
 from the float model's activations inside the `calibrate()` block (one Hessian per layer held until conversion),

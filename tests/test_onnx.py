@@ -141,7 +141,9 @@ def graph_facts(model) -> dict:
                     facts["fp4_inputs"] += 1
                 elif zp is not None and zp.data_type == onnx.TensorProto.FLOAT8E4M3FN:
                     facts["fp8_inputs"] += 1
-                elif zp is not None and zp.data_type == onnx.TensorProto.INT8:
+                elif zp is not None and zp.data_type == onnx.TensorProto.UINT8:
+                    # INT8 codes shifted into uint8: zero point 128, so the integers are the signed codes
+                    assert int(onnx.numpy_helper.to_array(zp)) == 128
                     facts["int8_inputs"] += 1
     return facts
 
