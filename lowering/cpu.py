@@ -70,6 +70,23 @@ def _(scale, amax):
     return torch.empty_like(scale)
 
 
+@torch.library.custom_op("qcompile::check_finite_amax", mutates_args=())
+def check_finite_amax(amax: Tensor) -> Tensor:
+    """1.0 (float32 scalar), after checking that `amax` (the largest |input| of quantized layers) is finite.
+
+    For graphs that check all their INT8 layers' inputs at once (`qcompile.lowering.onednn`): multiplying the
+    outputs by the result keeps the check in the graph and changes no value.
+    """
+    if not math.isfinite(amax.max().item()):
+        raise ValueError("input to a quantized linear layer contains NaN or inf")
+    return torch.ones((), dtype=torch.float32)
+
+
+@check_finite_amax.register_fake
+def _(amax):
+    return torch.empty((), dtype=torch.float32)
+
+
 def _input_scale(x: Tensor, input_scale: Tensor | None, granularity: str, fmt_max: float) -> tuple[Tensor, Tensor]:
     """(scale, amax) of a float32 activation: amax/fmt_max per token (last dim) or tensor, or the calibrated scale.
 
@@ -259,5 +276,5 @@ def _register_inductor_decomposition() -> None:
 
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "decompose_int8_linear", "int4_linear", "int4_weight", "int8_linear",
-           "int8_codes", "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register",
+           "check_finite_amax", "int8_codes", "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register",
            "decompose_fp8_linear"]

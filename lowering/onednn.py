@@ -13,7 +13,8 @@ writes each `qcompile::int8_linear` with INT8 inputs in that form, keeping SPEC 
   same exact sum as `torch._int_mm`'s;
 - a static per-tensor scale (`int8_sq`) is oneDNN's input scale, so the float ops after the GEMM fuse into it; a
   per-token scale (`int8_dynamic`) is applied after the GEMM, as in the eager path: (acc · s_w) · s_x + bias;
-- non-finite inputs raise the same ValueError as the eager path (`checked_input_scale`).
+- non-finite inputs raise the same ValueError as the eager path, from one check of all the layers' input amax at
+  the end of the graph (see `rewrite_int8_linears`).
 
 The weight must be a constant of the graph being compiled, so the pass is for graphs whose quantized weights are
 their own attributes, compiled with freezing: `backend="quant"` does it for its INT8 graphs, and a `QuantizedModel`
@@ -39,29 +40,45 @@ def _weight_scaled(weight: Tensor, weight_scale: Tensor) -> Tensor:
     return _DECOMPOSED.dequantize_per_channel.default(weight, scales, None, 0, -128, 127, torch.int8)
 
 
-def per_token_pattern(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """Dynamic per-token INT8: codes at zero point 128 and scale 1 into the GEMM, the token scale after it."""
+def per_token_pattern(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, check: bool):
+    """Dynamic per-token INT8: codes at zero point 128 and scale 1 into the GEMM, the token scale after it.
+
+    Returns (output, amax of the input): with `check`, the amax is checked here; otherwise by the caller.
+    """
     codes, scale, amax = cpu.int8_codes(x.to(torch.float32), None, "token")
+    if check:
+        scale = cpu.checked_input_scale(scale, amax)
     shifted = _DECOMPOSED.dequantize_per_tensor.default((codes + 128).to(torch.uint8), 1.0, 128, 0, 255, torch.uint8)
-    out = torch.nn.functional.linear(shifted, _weight_scaled(weight, weight_scale)) * cpu.checked_input_scale(scale, amax)
-    return out if bias is None else out + bias.to(torch.float32)
+    out = torch.nn.functional.linear(shifted, _weight_scaled(weight, weight_scale)) * scale
+    out = out if bias is None else out + bias.to(torch.float32)
+    return out.to(x.dtype), amax.amax()
 
 
 def per_tensor_pattern(
-    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor, scale_value: float
-) -> Tensor:
-    """Static per-tensor INT8: `scale_value` (the value of `input_scale`) is oneDNN's input scale."""
-    x = x.to(torch.float32)
-    checked = cpu.checked_input_scale(input_scale.to(torch.float32), x.abs().amax())
-    codes, _, _ = cpu.int8_codes(x, checked, "tensor")
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor, scale_value: float,
+    check: bool,
+):
+    """Static per-tensor INT8: `scale_value` (the value of `input_scale`) is oneDNN's input scale.
+
+    Returns (output, amax of the input), as `per_token_pattern`.
+    """
+    x32 = x.to(torch.float32)
+    amax = x32.abs().amax()
+    scale = cpu.checked_input_scale(input_scale.to(torch.float32), amax) if check else input_scale
+    codes, _, _ = cpu.int8_codes(x32, scale, "tensor")
     shifted = (codes + 128).to(torch.uint8)
     dequantized = _DECOMPOSED.dequantize_per_tensor.default(shifted, scale_value, 128, 0, 255, torch.uint8)
     bias = None if bias is None else bias.to(torch.float32)
-    return torch.nn.functional.linear(dequantized, _weight_scaled(weight, weight_scale), bias)
+    out = torch.nn.functional.linear(dequantized, _weight_scaled(weight, weight_scale), bias)
+    return out.to(x.dtype), amax
 
 
 def _attribute(gm: fx.GraphModule, node: fx.Node) -> Tensor:
     return functools.reduce(getattr, node.target.split("."), gm)
+
+
+def _example(node: fx.Node):
+    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def _is_cpu_int8_gemm(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -71,7 +88,7 @@ def _is_cpu_int8_gemm(gm: fx.GraphModule, node: fx.Node) -> bool:
     if input_format != "int8" or weight.op != "get_attr":
         return False
     value = _attribute(gm, weight)
-    example = x.meta.get("val")
+    example = _example(x)
     return (
         value.device.type == "cpu"
         and value.dim() == 2
@@ -82,33 +99,51 @@ def _is_cpu_int8_gemm(gm: fx.GraphModule, node: fx.Node) -> bool:
     )
 
 
+def _float_outputs(gm: fx.GraphModule) -> list[fx.Node]:
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    found = []
+    fx.node.map_arg(output.args, found.append)
+    return [node for node in found if isinstance(_example(node), Tensor) and _example(node).is_floating_point()]
+
+
 def rewrite_int8_linears(gm: fx.GraphModule) -> int:
-    """Replace every CPU `qcompile::int8_linear` with INT8 inputs by the pattern above; returns how many."""
-    rewritten = 0
+    """Replace every CPU `qcompile::int8_linear` with INT8 inputs by the patterns above; returns how many.
+
+    Non-finite inputs raise the ValueError of the eager path. The amax of every rewritten layer's input is checked
+    once, at the end of the graph (`qcompile::check_finite_amax`, whose result multiplies the float outputs by
+    exactly 1 so that it stays in the graph): one call instead of one per layer, and the quantization of a static
+    input need not wait for its check. A graph without a float output checks each layer where it runs.
+    """
+    check_each = not _float_outputs(gm)
+    tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+    amaxes = []
     for node in list(gm.graph.nodes):
         if not _is_cpu_int8_gemm(gm, node):
             continue
         x, weight, weight_scale, bias, input_scale, _, granularity = node.args
         if granularity == "token":
-            fn, args = per_token_pattern, (x, weight, weight_scale, bias)
+            fn, args = per_token_pattern, (x, weight, weight_scale, bias, check_each)
         else:
             value = float(_attribute(gm, input_scale))
-            fn, args = per_tensor_pattern, (x, weight, weight_scale, bias, input_scale, value)
-        # calling the pattern function on proxies of the node's inputs appends its ops to gm's graph, here
-        tracer = fx.proxy.GraphAppendingTracer(gm.graph)
-        proxies = [fx.Proxy(arg, tracer) if isinstance(arg, fx.Node) else arg for arg in args]
+            fn, args = per_tensor_pattern, (x, weight, weight_scale, bias, input_scale, value, check_each)
+        # calling the pattern on proxies of the node's inputs appends its ops to gm's graph, here
         with gm.graph.inserting_before(node):
-            out = fn(*proxies)
-            if node.meta.get("val") is not None and node.meta["val"].dtype != torch.float32:
-                out = out.to(node.meta["val"].dtype)
-        out = out.node
-        node.replace_all_uses_with(out)
+            out, amax = fn(*[fx.Proxy(arg, tracer) if isinstance(arg, fx.Node) else arg for arg in args])
+        out.node.meta.update(node.meta)  # same value: shape, dtype, source
+        node.replace_all_uses_with(out.node)
         gm.graph.erase_node(node)
-        rewritten += 1
-    if rewritten:
+        amaxes.append(amax)
+    if amaxes and not check_each:
+        outputs = _float_outputs(gm)  # after the rewrite: an output may be a rewritten layer's
+        output = next(node for node in gm.graph.nodes if node.op == "output")
+        with gm.graph.inserting_before(output):
+            one = cpu.check_finite_amax(torch.stack(amaxes).amax())
+            checked = {node: (fx.Proxy(node, tracer) * one.to(_example(node).dtype)).node for node in outputs}
+        output.args = fx.node.map_arg(output.args, lambda node: checked.get(node, node))
+    if amaxes:
         gm.graph.lint()
         gm.recompile()
-    return rewritten
+    return len(amaxes)
 
 
 __all__ = ["per_tensor_pattern", "per_token_pattern", "rewrite_int8_linears"]

@@ -272,10 +272,12 @@ def _reference_layer(linear, x):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("entry", ["quantize", "backend_int8_sq", "backend_int8_dynamic"])
+@pytest.mark.parametrize("entry", ["quantize", "quantize_frozen", "backend_int8_sq", "backend_int8_dynamic"])
 def test_compiled_fast_path_rejects_non_finite_input(bad, entry):
-    if entry == "quantize":
+    if entry.startswith("quantize"):
         compiled = torch.compile(qc.quantize(_mlp(), "int8_sq", calib=_calib(), progress=False))
+        if entry == "quantize_frozen":  # traced and compiled under inductor's freezing flag
+            compiled = _traced_with_freezing(compiled)
     else:
         recipe = entry.removeprefix("backend_")
         compiled = torch.compile(_mlp(), backend="quant", options={"recipe": recipe})
@@ -289,6 +291,33 @@ def test_compiled_fast_path_rejects_non_finite_input(bad, entry):
         x[1, 2, 3] = bad
         with pytest.raises(ValueError, match="NaN or inf"):
             compiled(x)
+
+
+class _Overflow(torch.nn.Module):
+    def forward(self, h):
+        return h * 1e30 * 1e30  # inf wherever h is not tiny
+
+
+@pytest.mark.parametrize("entry", ["quantize_frozen", "backend_int8_dynamic"])
+def test_compiled_fast_path_rejects_non_finite_hidden_input(entry):
+    """An inf made between two quantized layers (not in the graph's input) is caught at the second one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), _Overflow(), torch.nn.Linear(32, 16)).eval()
+    if entry == "quantize_frozen":
+        compiled = _traced_with_freezing(torch.compile(qc.quantize(model, "int8_dynamic", calib=_calib(),
+                                                                    progress=False)))
+    else:
+        compiled = torch.compile(model, backend="quant", options={"recipe": "int8_dynamic"})
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN or inf"):
+        compiled(torch.randn(2, 7, 64))
+
+
+def _traced_with_freezing(compiled):
+    def call(x):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(x)
+
+    return call
 
 
 def test_decomposition_leaves_other_devices_alone():
