@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (defines prims.inductor_force_stride_order)
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops)
 from torch import Tensor, fx
 
@@ -45,6 +46,9 @@ def per_token_pattern(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Ten
 
     Returns (output, amax of the input): with `check`, the amax is checked here; otherwise by the caller.
     """
+    # The token amax must be known before the first code: two passes over x. Left unrealized (say, x = GELU of the
+    # previous layer's scaled output), inductor would recompute x in each pass; a buffer costs one write and read.
+    x = torch.ops.prims.inductor_force_stride_order.default(x, x.stride())
     codes, scale, amax = cpu.int8_codes(x.to(torch.float32), None, "token")
     if check:
         scale = cpu.checked_input_scale(scale, amax)
