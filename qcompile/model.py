@@ -74,6 +74,11 @@ class QuantizedModel(nn.Module):
         self._build_frozen_graph()
         return result
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._build_frozen_graph()  # assign=True replaces the tensors
+        return result
+
     def forward(self, *args, **kwargs):
         graph_module = self.graph_module
         if self._frozen_graph_module is not None and torch.compiler.is_compiling() and _inductor_freezes():

@@ -264,6 +264,10 @@ def test_quantized_model_keeps_one_copy_of_its_tensors():
     assert frozen and all(value is qm.graph_module.get_buffer(name) for name, value in frozen.items())
     qm.to(torch.float32)  # a move rebuilds the frozen variant on the moved tensors
     assert all(value is qm.graph_module.get_buffer(name) for name, value in qm._frozen_graph_module.named_buffers())
+    state = {name: value.clone() for name, value in qm.state_dict().items()}
+    qm.load_state_dict(state, assign=True)  # so does loading new tensors in place of the old ones
+    assert all(value is qm.graph_module.get_buffer(name) for name, value in qm._frozen_graph_module.named_buffers())
+    assert any(value is state[f"graph_module.{name}"] for name, value in qm._frozen_graph_module.named_buffers())
 
 
 def _reference_layer(linear, x):
