@@ -193,6 +193,27 @@ _ONEDNN_CALL = "torch.ops.onednn.qlinear_pointwise"
 
 
 @pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_backend_prepacked_gemm_keeps_bfloat16(recipe):
+    model = _mlp().to(torch.bfloat16)
+    compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
+    eager = torch.compile(model, backend="quant", options={"recipe": recipe, "compiler": "eager"})
+    if recipe == "int8_sq":
+        for fn in (compiled, eager):
+            with qc.calibrate(fn), torch.no_grad():
+                for batch in _calib():
+                    fn(batch.bfloat16())
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, x)
+        want = eager(x)
+    assert _ONEDNN_CALL in "\n".join(code)
+    assert out.dtype == want.dtype == torch.bfloat16
+    # both round each layer's output to bfloat16 (2^-8 relative); one code step of the second layer's input on top
+    assert _rel(out.float(), want.float()) <= 2e-2
+
+
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
 def test_compiled_quantized_model_with_freezing_runs_prepacked_gemm(recipe):
     qm = qc.quantize(_mlp(), recipe, calib=_calib(), progress=False)
     x = torch.randn(2, 7, 64)
