@@ -66,6 +66,7 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 INT4_ACCURACY_EXACT = 1
 
 _FP8_MAX = 448.0
+_SMALLEST_NORMAL = 2.0**-126  # float32
 _INT8_MAX = 127.0
 _E2M1_MAX = 6.0
 _NVFP4_BLOCK = 16
@@ -393,9 +394,19 @@ class _Translation:
             else:
                 raise UntranslatableOpError(f"dynamic {fmt} activations per {granularity!r} have no ONNX pattern")
             s = op.Div(amax, self.const(qmax))
-            s = op.Where(op.Equal(s, self.const(0.0)), self.const(1.0), s)
+            if fmt == "int8":
+                # The reference replaces a zero scale by 1. A floor at the smallest normal float does the same for
+                # all-zero rows (codes 0) in one node where Where needs two, stays positive where denormals are
+                # flushed, and moves only rows whose |x| < 127 · 2^-126 (outputs below about 1e-36)
+                s = op.Max(s, self.const(_SMALLEST_NORMAL))
+            else:
+                s = op.Where(op.Equal(s, self.const(0.0)), self.const(1.0), s)
             one = self.const(1.0)
-            q = op.QuantizeLinear(op.Div(x, s), one, zero)
+            if granularity == "token" and fmt == "int8" and x.shape is not None and isinstance(x.shape[-1], int):
+                zp = op.Expand(zero, op.Shape(s))
+                q = op.QuantizeLinear(x, s, zp, axis=-1, block_size=int(x.shape[-1]))
+            else:
+                q = op.QuantizeLinear(op.Div(x, s), one, zero)
             return op.DequantizeLinear(q, one, zero), s
         if fmt == "nvfp4":
             return self.quantize_nvfp4_input(x, scale), None

@@ -136,6 +136,9 @@ def graph_facts(model) -> dict:
             q = producer.get(source.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 zp = inits.get(q.input[2]) if len(q.input) > 2 else None
+                if zp is None and len(q.input) > 2 and q.input[2] in producer:  # per-token: one zero point per row
+                    expand = producer[q.input[2]]
+                    zp = inits.get(expand.input[0]) if expand.op_type == "Expand" else None
                 attrs_q = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
                 if attrs_q.get("output_dtype") == onnx.TensorProto.FLOAT4E2M1:
                     facts["fp4_inputs"] += 1
