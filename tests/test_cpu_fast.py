@@ -161,17 +161,23 @@ def test_compiled_quantized_model_runs_the_integer_kernel(recipe):
         assert _rel(out, qm(x)) <= REL_TOL  # the eager QuantizedModel (itself checked against the reference above)
 
 
-@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
-def test_backend_runs_prepacked_onednn_gemm(recipe):
-    """backend='quant' freezes its INT8 graphs: inductor prepacks the weights for oneDNN's INT8 GEMM."""
-    model = _mlp()
+def _backend_and_eager(model, recipe: str, dtype: torch.dtype):
+    """backend='quant' compiled by inductor, and the same quantized graph run eagerly; calibrated alike if needed."""
     compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
     eager = torch.compile(model, backend="quant", options={"recipe": recipe, "compiler": "eager"})
     if recipe == "int8_sq":
         for fn in (compiled, eager):
             with qc.calibrate(fn), torch.no_grad():
                 for batch in _calib():
-                    fn(batch)
+                    fn(batch.to(dtype))
+    return compiled, eager
+
+
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_backend_runs_prepacked_onednn_gemm(recipe):
+    """backend='quant' freezes its INT8 graphs: inductor prepacks the weights for oneDNN's INT8 GEMM."""
+    model = _mlp()
+    compiled, eager = _backend_and_eager(model, recipe, torch.float32)
     torch._dynamo.reset()
     for shape in [(3, 5, 64), (2, 11, 64)]:  # a second shape recompiles, with dynamic sizes
         x = torch.randn(*shape)
@@ -194,14 +200,7 @@ _ONEDNN_CALL = "torch.ops.onednn.qlinear_pointwise"
 
 @pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
 def test_backend_prepacked_gemm_keeps_bfloat16(recipe):
-    model = _mlp().to(torch.bfloat16)
-    compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
-    eager = torch.compile(model, backend="quant", options={"recipe": recipe, "compiler": "eager"})
-    if recipe == "int8_sq":
-        for fn in (compiled, eager):
-            with qc.calibrate(fn), torch.no_grad():
-                for batch in _calib():
-                    fn(batch.bfloat16())
+    compiled, eager = _backend_and_eager(_mlp().to(torch.bfloat16), recipe, torch.bfloat16)
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
     with torch.no_grad():
