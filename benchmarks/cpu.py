@@ -46,6 +46,7 @@ from qcompile import hf  # noqa: E402
 from qcompile.convert import needs_calibration  # noqa: E402
 from qcompile.eval import format_table  # noqa: E402
 from quantize_cpu import _paired_latency as _paired  # noqa: E402  (FP32 and variant timed alternately)
+from quantize_cpu import _split  # noqa: E402  (comma-separated names, checked)
 
 ENCODER_RECIPES = ("int8_dynamic", "int8_sq", "fp8_dynamic", "int4_awq", "nvfp4_weight_only")
 DECODE_RECIPES = ("int4_awq", "nvfp4_weight_only")
@@ -247,11 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--progress", action="store_true", help="show calibration progress bars")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    args.recipes = [r for r in args.recipes.split(",") if r]
-    args.decode_recipes = [r for r in args.decode_recipes.split(",") if r]
-    for recipe in args.recipes + args.decode_recipes:
-        if recipe not in qc.RECIPES:
-            parser.error(f"unknown recipe {recipe!r}; valid: {', '.join(qc.RECIPES)}")
+    args.recipes = _split(args.recipes, qc.RECIPES, "recipe", parser) if args.recipes else []
+    args.decode_recipes = _split(args.decode_recipes, qc.RECIPES, "recipe", parser) if args.decode_recipes else []
     if min(args.threads, args.repeats, args.steps, args.prompt) < 1 or args.warmup < 0:
         parser.error("--threads, --repeats, --steps and --prompt must be at least 1, --warmup at least 0")
 

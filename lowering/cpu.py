@@ -39,17 +39,30 @@ from qcompile.lowering import torch_reference as ref
 MAX_EXACT_K = (2**31 - 1) // (127 * 127)
 
 
-def _takes_int_mm(x: Tensor, weight: Tensor, input_format: str, input_granularity: str) -> bool:
+def takes_integer_gemm(
+    x_dtype: torch.dtype, k: int, weight: Tensor, input_format: str, input_granularity: str
+) -> bool:
+    """Whether an int8_linear (activation dtype `x_dtype`, `k` input features) multiplies INT8 by INT8 on the CPU
+    fast paths (`torch._int_mm` here, oneDNN in `qcompile.lowering.onednn`)."""
     return (
         input_format == "int8"
         and input_granularity in ("tensor", "token")
         and weight.dtype == torch.int8
         and weight.dim() == 2
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and x_dtype in (torch.float32, torch.bfloat16, torch.float16)
         # torch._int_mm returns wrong sums on the CPU when K == 1 (measured with torch 2.13); such a layer is a
         # scalar product per output anyway
-        and 1 < x.shape[-1] <= MAX_EXACT_K
+        and 1 < k <= MAX_EXACT_K
     )
+
+
+def _takes_int_mm(x: Tensor, weight: Tensor, input_format: str, input_granularity: str) -> bool:
+    return takes_integer_gemm(x.dtype, x.shape[-1], weight, input_format, input_granularity)
+
+
+def _raise_if_not_finite(amax: Tensor) -> None:
+    if not math.isfinite(amax.max().item()):  # max propagates NaN
+        raise ValueError("input to a quantized linear layer contains NaN or inf")
 
 
 @torch.library.custom_op("qcompile::checked_input_scale", mutates_args=())
@@ -60,8 +73,7 @@ def checked_input_scale(scale: Tensor, amax: Tensor) -> Tensor:
     Only the output scaling reads its result, so under inductor the quantization and the amax reduction still run
     in one pass over the activation, before the check.
     """
-    if not math.isfinite(amax.max().item()):  # max propagates NaN
-        raise ValueError("input to a quantized linear layer contains NaN or inf")
+    _raise_if_not_finite(amax)
     return scale.clone()
 
 
@@ -77,8 +89,7 @@ def check_finite_amax(amax: Tensor) -> Tensor:
     For graphs that check all their INT8 layers' inputs at once (`qcompile.lowering.onednn`): multiplying the
     outputs by the result keeps the check in the graph and changes no value.
     """
-    if not math.isfinite(amax.max().item()):
-        raise ValueError("input to a quantized linear layer contains NaN or inf")
+    _raise_if_not_finite(amax)
     return torch.ones((), dtype=torch.float32)
 
 
@@ -276,5 +287,5 @@ def _register_inductor_decomposition() -> None:
 
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "decompose_int8_linear", "int4_linear", "int4_weight", "int8_linear",
-           "check_finite_amax", "int8_codes", "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register",
+           "check_finite_amax", "int8_codes", "int8_linear_int_mm", "takes_integer_gemm", "nvfp4_linear", "nvfp4_weight", "register",
            "decompose_fp8_linear"]

@@ -89,24 +89,21 @@ def _is_cpu_int8_gemm(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_function" or node.target is not torch.ops.qcompile.int8_linear.default:
         return False
     x, weight, weight_scale, bias, input_scale, input_format, granularity = node.args
-    if input_format != "int8" or weight.op != "get_attr":
+    if weight.op != "get_attr":
         return False
     value = _attribute(gm, weight)
     example = _example(x)
+    x_dtype = torch.float32 if example is None else example.dtype
     return (
         value.device.type == "cpu"
-        and value.dim() == 2
-        and granularity in ("token", "tensor")
+        and cpu.takes_integer_gemm(x_dtype, value.shape[-1], value, input_format, granularity)
         and (granularity == "token" or (input_scale is not None and input_scale.op == "get_attr"))
-        and 1 < value.shape[1] <= cpu.MAX_EXACT_K
-        and (example is None or example.dtype in (torch.float32, torch.bfloat16, torch.float16))
     )
 
 
 def _float_outputs(gm: fx.GraphModule) -> list[fx.Node]:
-    output = next(node for node in gm.graph.nodes if node.op == "output")
     found = []
-    fx.node.map_arg(output.args, found.append)
+    fx.node.map_arg(gm.graph.output_node().args, found.append)
     return [node for node in found if isinstance(_example(node), Tensor) and _example(node).is_floating_point()]
 
 
@@ -139,7 +136,7 @@ def rewrite_int8_linears(gm: fx.GraphModule) -> int:
         amaxes.append(amax)
     if amaxes and not check_each:
         outputs = _float_outputs(gm)  # after the rewrite: an output may be a rewritten layer's
-        output = next(node for node in gm.graph.nodes if node.op == "output")
+        output = gm.graph.output_node()
         with gm.graph.inserting_before(output):
             one = cpu.check_finite_amax(torch.stack(amaxes).amax())
             checked = {node: (fx.Proxy(node, tracer) * one.to(_example(node).dtype)).node for node in outputs}
