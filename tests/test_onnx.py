@@ -172,6 +172,8 @@ def check_patterns(runner: Runner, recipe: qc.Recipe, n_layers: int) -> None:
         assert facts[key] == n_layers
     if runner.fp4:
         return
+    # BERT's FFN bias goes in 2-D: ONNX Runtime then runs its Gelu, not the slower BiasGelu kernel
+    assert not runner.fused("BiasGelu")
     fused_int8 = runner.fused("MatMulIntegerToFloat")
     fused_int4 = runner.fused("MatMulNBits")
     if fmt == "int8" and inputs is not None and inputs.format == "int8":
