@@ -83,18 +83,20 @@ def _(scale, amax):
 
 
 @torch.library.custom_op("qcompile::check_finite_amax", mutates_args=())
-def check_finite_amax(amax: Tensor) -> Tensor:
-    """1.0 (float32 scalar), after checking that `amax` (the largest |input| of quantized layers) is finite.
+def check_finite_amax(amaxes: list[Tensor]) -> Tensor:
+    """1.0 (float32 scalar), after checking that every value in `amaxes` (largest |input| of quantized layers, by
+    layer or by row) is finite.
 
     For graphs that check all their INT8 layers' inputs at once (`qcompile.lowering.onednn`): multiplying the
-    outputs by the result keeps the check in the graph and changes no value.
+    outputs by the result keeps the check in the graph and changes no value. The amaxes come unreduced: reduced
+    in the graph, inductor would compute each one in a loop of its own instead of in the layer's quantization loop.
     """
-    _raise_if_not_finite(amax)
+    _raise_if_not_finite(torch.cat([amax.reshape(-1) for amax in amaxes]))
     return torch.ones((), dtype=torch.float32)
 
 
 @check_finite_amax.register_fake
-def _(amax):
+def _(amaxes):
     return torch.empty((), dtype=torch.float32)
 
 

@@ -44,7 +44,8 @@ def _weight_scaled(weight: Tensor, weight_scale: Tensor) -> Tensor:
 def per_token_pattern(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, check: bool):
     """Dynamic per-token INT8: codes at zero point 128 and scale 1 into the GEMM, the token scale after it.
 
-    Returns (output, amax of the input): with `check`, the amax is checked here; otherwise by the caller.
+    Returns (output, amax of each token of the input): with `check`, it is checked here; otherwise by the caller,
+    unreduced (see `cpu.check_finite_amax`).
     """
     # The token amax must be known before the first code: two passes over x. Left unrealized (say, x = GELU of the
     # previous layer's scaled output), inductor would recompute x in each pass; a buffer costs one write and read.
@@ -55,7 +56,7 @@ def per_token_pattern(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Ten
     shifted = _DECOMPOSED.dequantize_per_tensor.default((codes + 128).to(torch.uint8), 1.0, 128, 0, 255, torch.uint8)
     out = torch.nn.functional.linear(shifted, _weight_scaled(weight, weight_scale)) * scale
     out = out if bias is None else out + bias.to(torch.float32)
-    return out.to(x.dtype), amax.amax()
+    return out.to(x.dtype), amax
 
 
 def per_tensor_pattern(
@@ -138,7 +139,7 @@ def rewrite_int8_linears(gm: fx.GraphModule) -> int:
         outputs = _float_outputs(gm)  # after the rewrite: an output may be a rewritten layer's
         output = gm.graph.output_node()
         with gm.graph.inserting_before(output):
-            one = cpu.check_finite_amax(torch.stack(amaxes).amax())
+            one = cpu.check_finite_amax(amaxes)
             checked = {node: (fx.Proxy(node, tracer) * one.to(_example(node).dtype)).node for node in outputs}
         output.args = fx.node.map_arg(output.args, lambda node: checked.get(node, node))
     if amaxes:

@@ -336,6 +336,17 @@ def test_compiled_fast_path_rejects_non_finite_hidden_input(entry):
         compiled(torch.randn(2, 7, 64))
 
 
+def test_check_finite_amax_reads_every_value_of_every_tensor():
+    finite = [torch.rand(5, 1), torch.rand(()), torch.rand(3)]
+    assert cpu_lowering.check_finite_amax(finite).item() == 1.0
+    for bad in (float("nan"), float("inf")):
+        for index in range(len(finite)):
+            amaxes = [t.clone() for t in finite]
+            amaxes[index].reshape(-1)[-1] = bad  # the last value of one tensor among several
+            with pytest.raises(ValueError, match="NaN or inf"):
+                cpu_lowering.check_finite_amax(amaxes)
+
+
 def _traced_with_freezing(compiled):
     def call(x):
         with torch._inductor.config.patch(freezing=True):
