@@ -13,6 +13,9 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
   (`decompose_int8_linear`) so that the quantization and the scaling fuse into the surrounding kernels. Graphs that
   inductor freezes take `qcompile.lowering.onednn` instead (oneDNN's GEMM on prepacked weights, with the float ops
   after it fused into the call): `backend="quant"` always, `torch.compile(qm)` under inductor's freezing flag.
+  All of this needs an INT8 dot-product instruction (AVX-512 VNNI, AVX-VNNI, AMX): without one the integer GEMMs
+  are wrong (oneDNN) or far slower than float32 (`torch._int_mm`), so such CPUs run the reference's arithmetic,
+  decomposed for inductor the same way (`has_fast_int8_gemm`, `int8_linear_dequantized`).
 - int4_linear and nvfp4_linear: the 4-bit kernel of `native` (C, compiled on first use) multiplies straight from
   the packed codes for small batches (decode steps) and dequantizes once for larger ones. PyTorch's own packed INT4
   kernel (`_weight_int4pack_mm_for_cpu`) is fast only for bfloat16 activations, which would round every activation
@@ -25,6 +28,7 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,6 +41,44 @@ from qcompile.lowering import torch_reference as ref
 
 # |q_x · q_w| ≤ 127², so an int32 accumulator holds K products exactly while K·127² < 2³¹.
 MAX_EXACT_K = (2**31 - 1) // (127 * 127)
+
+
+# x86 features with an INT8 dot product that sums u8·s8 products straight into int32 (vpdpbusd, AMX tiles).
+_INT8_DOT_PRODUCT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def has_fast_int8_gemm() -> bool:
+    """Whether this CPU runs the integer GEMMs of the fast paths both exactly and fast.
+
+    Both need an INT8 dot-product instruction (VNNI, AMX). Without one (AVX2-only or AVX-512F x86, measured on an
+    AMD EPYC with AVX2 and torch 2.13): oneDNN's u8×s8 kernels add pairs of products in saturating int16, so codes
+    near ±127 give wrong sums (relative error 0.3 on MiniLM's layers), and `torch._int_mm` falls back to a
+    reference loop 50× slower than the float32 GEMM. The reference lowering (float32 GEMM on dequantized values) is
+    then exact and the fastest choice. The feature list is checked against one oneDNN product that saturates
+    without VNNI, so an unknown CPU that reports a feature it lacks still gets correct sums.
+    """
+    capabilities = torch.cpu.get_capabilities()
+    if not any(capabilities.get(feature, False) for feature in _INT8_DOT_PRODUCT_FEATURES):
+        return False
+    return _onednn_int8_gemm_is_exact()
+
+
+def _onednn_int8_gemm_is_exact() -> bool:
+    # codes +127 (u8 255 at zero point 128) against weights +127: each pair sums to 2·255·127 > 2¹⁵ before the
+    # zero-point correction, the case that saturates without VNNI
+    k, n = 64, 16
+    codes = torch.full((4, k), 255, dtype=torch.uint8)
+    weight = torch.full((n, k), 127, dtype=torch.int8)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(weight, list(codes.shape))
+        out = torch.ops.onednn.qlinear_pointwise(
+            codes, 1.0, 128, packed, torch.ones(n), torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32,
+            "none", [], "",
+        )
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool((out == 127 * 127 * k).all())
 
 
 def takes_integer_gemm(
@@ -53,6 +95,7 @@ def takes_integer_gemm(
         # torch._int_mm returns wrong sums on the CPU when K == 1 (measured with torch 2.13); such a layer is a
         # scalar product per output anyway
         and 1 < k <= MAX_EXACT_K
+        and has_fast_int8_gemm()
     )
 
 
@@ -157,11 +200,43 @@ def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_
     return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
 
 
+def int8_linear_dequantized(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    input_granularity: str,
+) -> Tensor:
+    """The reference's arithmetic for INT8 inputs: the input's codes times its scale, float32 GEMM with the
+    dequantized weight (for CPUs without a fast integer GEMM, see `has_fast_int8_gemm`)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k).to(torch.float32)
+    codes, scale, amax = int8_codes(x2d, input_scale, input_granularity)
+    x2d = codes * checked_input_scale(scale, amax)
+    w = numerics.dequantize_int8(numerics.Int8Tensor(weight, weight_scale))
+    out = F.linear(x2d, w, None if bias is None else bias.to(torch.float32))
+    return out.reshape(*lead, weight.shape[0]).to(x.dtype)
+
+
 def decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
-    """Inductor decomposition: the integer path as aten ops, so quantize and scale fuse with their neighbours."""
-    if x.device.type != "cpu" or not _takes_int_mm(x, weight, input_format, input_granularity):
+    """Inductor decomposition: the integer path as aten ops, so quantize and scale fuse with their neighbours.
+
+    Where the integer GEMM is not fast and exact (see `has_fast_int8_gemm`), the reference's arithmetic as aten
+    ops instead: the quantization still fuses, and under freezing the weight is dequantized once.
+    """
+    if (
+        x.device.type != "cpu"
+        or input_format != "int8"
+        or input_granularity not in ("tensor", "token")
+        or weight.dtype != torch.int8
+        or weight.dim() != 2
+        or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    ):
         return NotImplemented
-    return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
+    if _takes_int_mm(x, weight, input_format, input_granularity):
+        return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
+    return int8_linear_dequantized(x, weight, weight_scale, bias, input_scale, input_granularity)
 
 
 def decompose_fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity):
@@ -284,10 +359,15 @@ def register() -> None:
 def _register_inductor_decomposition() -> None:
     from torch._inductor import decomposition
 
-    decomposition.register_decomposition(torch.ops.qcompile.int8_linear.default)(decompose_int8_linear)
-    decomposition.register_decomposition(torch.ops.qcompile.fp8_linear.default)(decompose_fp8_linear)
+    from torch._inductor import lowering
+
+    for op, decompose in [(torch.ops.qcompile.int8_linear.default, decompose_int8_linear),
+                          (torch.ops.qcompile.fp8_linear.default, decompose_fp8_linear)]:
+        decomposition.register_decomposition(op)(decompose)
+        # where the decomposition declines (NotImplemented: another device, another format), inductor calls the op
+        lowering.make_fallback(op, override_decomp=True)
 
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "decompose_int8_linear", "int4_linear", "int4_weight", "int8_linear",
-           "check_finite_amax", "int8_codes", "int8_linear_int_mm", "takes_integer_gemm", "nvfp4_linear", "nvfp4_weight", "register",
+           "check_finite_amax", "has_fast_int8_gemm", "int8_codes", "int8_linear_dequantized", "int8_linear_int_mm", "takes_integer_gemm", "nvfp4_linear", "nvfp4_weight", "register",
            "decompose_fp8_linear"]

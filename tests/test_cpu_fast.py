@@ -19,6 +19,23 @@ from qcompile.lowering import torch_reference as ref
 
 REL_TOL = 1e-5
 
+# oneDNN's u8×s8 GEMM is exact only with an INT8 dot-product instruction (see `cpu_lowering.has_fast_int8_gemm`).
+needs_exact_onednn = pytest.mark.skipif(
+    not cpu_lowering._onednn_int8_gemm_is_exact(),
+    reason="oneDNN's u8×s8 GEMM saturates on this CPU (no VNNI/AMX): qcompile takes the reference path here",
+)
+
+
+@pytest.fixture(autouse=True)
+def integer_gemm_on_any_cpu(monkeypatch):
+    """The fast paths, as on a CPU with VNNI, whatever this one has.
+
+    `torch._int_mm` is exact on every CPU (only slow without VNNI, which does not matter for these shapes), and the
+    rewritten oneDNN graphs are checked eagerly or skipped where oneDNN's own kernel would run (`needs_exact_onednn`).
+    Tests of the real gate set it themselves.
+    """
+    monkeypatch.setattr(cpu_lowering, "has_fast_int8_gemm", lambda: True)
+
 
 @pytest.fixture
 def int_mm_calls(monkeypatch) -> list:
@@ -173,6 +190,7 @@ def _backend_and_eager(model, recipe: str, dtype: torch.dtype):
     return compiled, eager
 
 
+@needs_exact_onednn
 @pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
 def test_backend_runs_prepacked_onednn_gemm(recipe):
     """backend='quant' freezes its INT8 graphs: inductor prepacks the weights for oneDNN's INT8 GEMM."""
@@ -198,6 +216,7 @@ def test_backend_runs_prepacked_onednn_gemm(recipe):
 _ONEDNN_CALL = "torch.ops.onednn.qlinear_pointwise"
 
 
+@needs_exact_onednn
 @pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
 def test_backend_prepacked_gemm_keeps_bfloat16(recipe):
     compiled, eager = _backend_and_eager(_mlp().to(torch.bfloat16), recipe, torch.bfloat16)
@@ -212,6 +231,7 @@ def test_backend_prepacked_gemm_keeps_bfloat16(recipe):
     assert _rel(out.float(), want.float()) <= 2e-2
 
 
+@needs_exact_onednn
 @pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
 def test_compiled_quantized_model_with_freezing_runs_prepacked_gemm(recipe):
     qm = qc.quantize(_mlp(), recipe, calib=_calib(), progress=False)
@@ -345,6 +365,72 @@ def test_check_finite_amax_reads_every_value_of_every_tensor():
             amaxes[index].reshape(-1)[-1] = bad  # the last value of one tensor among several
             with pytest.raises(ValueError, match="NaN or inf"):
                 cpu_lowering.check_finite_amax(amaxes)
+
+
+def test_integer_gemm_gate_matches_the_kernels(monkeypatch):
+    """The real gate says yes exactly where oneDNN's u8×s8 GEMM sums extreme codes exactly (fresh random ones)."""
+    monkeypatch.undo()
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(-127, 128, (64, 256), generator=g)
+    codes[:, ::2] = 127  # pairs of large products: what a saturating int16 accumulation gets wrong
+    weight = torch.randint(-127, 128, (32, 256), generator=g, dtype=torch.int8)
+    weight[:, ::2] = 127
+    packed = torch.ops.onednn.qlinear_prepack(weight, [64, 256])
+    got = torch.ops.onednn.qlinear_pointwise(
+        (codes + 128).to(torch.uint8), 1.0, 128, packed, torch.ones(32), torch.zeros(32, dtype=torch.long), None, 1.0,
+        0, torch.float32, "none", [], "",
+    )
+    exact = torch.equal(got.double(), codes.double() @ weight.double().T)
+    assert cpu_lowering.has_fast_int8_gemm() == exact
+    if not exact:  # and the layers then take the reference
+        assert not cpu_lowering.takes_integer_gemm(torch.float32, 256, weight, "int8", "token")
+
+
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_without_fast_integer_gemm_the_reference_runs(recipe, monkeypatch, int_mm_calls):
+    """A CPU without VNNI: eager, compiled and backend='quant' all compute the reference, with no integer kernel."""
+    monkeypatch.setattr(cpu_lowering, "has_fast_int8_gemm", lambda: False)
+    model = _mlp()
+    qm = qc.quantize(model, recipe, calib=_calib(), progress=False)
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        eager = qm(x)
+    assert not int_mm_calls
+    hidden = torch.nn.functional.gelu(_reference_layer(model[0], x))
+    if recipe == "int8_dynamic":
+        assert _rel(eager, _reference_layer(model[2], hidden)) <= REL_TOL
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled, _ = _compiled_code(torch.compile(qm), x)
+        backend, eager_backend = _backend_and_eager(model, recipe, torch.float32)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out, code = run_and_get_code(backend, x)
+    code = "\n".join(code)
+    assert "_int_mm" not in code and _ONEDNN_CALL not in code
+    assert _rel(compiled, eager) <= 1e-4  # inductor's fused float kernels round differently from eager's
+    with torch.no_grad():
+        assert _rel(out, eager_backend(x)) <= 1e-4
+
+
+def test_compiled_layers_the_decompositions_decline_run_the_op():
+    """Weight-only INT8, K = 1 and block-wise FP8 are not decomposed: inductor calls the op's own CPU kernel."""
+    w, ws = _weight(8, 32, "channel", 12)
+    k1, k1_scale = _weight(8, 1, "channel", 13)
+    fp8 = numerics.quantize_fp8(torch.randn(256, 128), "block", block_size=128)
+
+    def layers(x):
+        weight_only = torch.ops.qcompile.int8_linear(x, w, ws, None, None, "none", "tensor")
+        k_of_one = torch.ops.qcompile.int8_linear(x[..., :1], k1, k1_scale, None, None, "int8", "token")
+        blocks = torch.ops.qcompile.fp8_linear(torch.cat([x] * 4, -1), fp8.q, fp8.scale, 128, None, None,
+                                               "fp8_e4m3", "token")
+        return weight_only + k_of_one, blocks
+
+    x = torch.randn(3, 5, 32)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        (got, got_blocks), code = _compiled_code(torch.compile(layers), x)
+    want, want_blocks = layers(x)
+    assert "torch.ops.qcompile.int8_linear.default(" in code and "torch.ops.qcompile.fp8_linear.default(" in code
+    assert _rel(got, want) <= REL_TOL and _rel(got_blocks, want_blocks) <= REL_TOL
 
 
 def _traced_with_freezing(compiled):

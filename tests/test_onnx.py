@@ -262,6 +262,17 @@ def test_operator_level_exact(two_linears, variant, tmp_path):
             assert rel(g, w) <= OP_TOL, f"{variant}: relative error {rel(g, w):.2e}"
 
 
+def test_sessions_take_exact_int8_kernels_on_every_x86(two_linears, tmp_path):
+    """ONNX Runtime's u8×s8 kernels saturate on x86 CPUs without VNNI; `onnxruntime_session` asks for its exact
+    u8×u8 ones there (the option changes nothing elsewhere, so it must be set on every machine)."""
+    qm = qc.quantize(two_linears, "int8_dynamic", calib=[_pair(0, 2, 5)], progress=False)
+    session = qonnx.onnxruntime_session(qc.export_onnx(qm, tmp_path / "int8.onnx"))
+    assert session.get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
+    x, z = _pair(7, 4, 9, 3.0)  # every token has codes of ±127: pairs of them overflow int16
+    for got, want in zip(session.run(None, {"x": x.numpy(), "z": z.numpy()}), outputs_of(qm(x, z))):
+        assert rel(got, want) <= OP_TOL
+
+
 # ---------------------------------------------------------------------------------- tiny Llama, tiny BERT
 
 
