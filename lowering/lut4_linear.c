@@ -5,7 +5,7 @@
  * with two codes per byte (element 2i in the low nibble, 2i+1 in the high one), as qcompile.numerics packs them.
  * The kernel reads the packed bytes once per output row and never writes a dequantized weight, which is why it
  * beats a float32 GEMM on small batches (decode steps): it moves 1/8 of the bytes. With AVX-512 the table lookup
- * is one permute per 16 codes.
+ * is one permute per 16 codes; with AVX2 (8 lanes), two permutes and a blend per 8 codes.
  *
  * Numerics: each weight value is formed exactly as qcompile.numerics forms it (lut[c] * scale, (c - z) * scale, or
  * the E2M1 value times float(FP8 block scale) * global scale), so only the order of the float32 sums differs from
@@ -14,8 +14,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define QC_AVX2 1
 #endif
 
 /* The scale of group g in row n: float32 [N, groups], or uint8 codes mapped through scale_lut[256] (NVFP4's FP8
@@ -67,6 +70,57 @@ static inline void decode_chunk(const uint8_t *codes, int64_t j, __m512 table, c
 }
 #endif
 
+#ifdef QC_AVX2
+#define ROWS 8
+
+/* lut16[idx] for 8 indices in 0..15: the table's halves are two registers, bit 3 of the index picks one. */
+static inline __m256 lookup16(__m256i idx, __m256 table_low, __m256 table_high) {
+    const __m256 low = _mm256_permutevar8x32_ps(table_low, idx), high = _mm256_permutevar8x32_ps(table_high, idx);
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* The 16 scaled weight values of the 8 bytes at chunk j: lo = even k, hi = odd k; half_group is a multiple of 8,
+ * so the chunk lies in one group. */
+static inline void decode_chunk8(const uint8_t *codes, int64_t j, __m256 table_low, __m256 table_high,
+                                 const void *scale, const float *scale_lut, const uint8_t *zero, int64_t srow,
+                                 int64_t half_group, __m256 *lo, __m256 *hi) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + j)));
+    const __m256 l = lookup16(_mm256_and_si256(c, _mm256_set1_epi32(0xF)), table_low, table_high);
+    const __m256 h = lookup16(_mm256_srli_epi32(c, 4), table_low, table_high);
+    const int64_t g = srow + j / half_group;
+    const __m256 s = _mm256_set1_ps(group_scale(scale, scale_lut, g));
+    const __m256 z = _mm256_set1_ps(zero ? (float)zero[g] : 0.0f);
+    *lo = _mm256_mul_ps(_mm256_sub_ps(l, z), s);
+    *hi = _mm256_mul_ps(_mm256_sub_ps(h, z), s);
+}
+
+static inline float sum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* As the AVX-512 dot_rows, 8 codes per step. */
+static inline __attribute__((always_inline)) void dot_rows8(const int rows, const float *even, const float *odd,
+                                                            int64_t H, int64_t vector_end, const uint8_t *codes,
+                                                            __m256 table_low, __m256 table_high, const void *scale,
+                                                            const float *scale_lut, const uint8_t *zero,
+                                                            int64_t srow, int64_t half_group, float *y, int64_t N) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < vector_end; j += 8) {
+        __m256 lo, hi;
+        decode_chunk8(codes, j, table_low, table_high, scale, scale_lut, zero, srow, half_group, &lo, &hi);
+        for (int r = 0; r < rows; ++r) {
+            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(even + r * H + j), lo, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(odd + r * H + j), hi, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; ++r) y[r * N] = sum8(acc[r]);
+}
+#endif
+
 /* The value of code c in group g of row n, as the scalar tail and the portable path form it. */
 static inline float weight_value(const float *lut16, const void *scale, const float *scale_lut, const uint8_t *zero,
                                  int64_t g, uint8_t c) {
@@ -111,6 +165,20 @@ static void row_dot(const float *even, const float *odd, int64_t M, int64_t H, c
             switch (rows) {
 #define CASE(R) case R: dot_rows(R, even + m0 * H, odd + m0 * H, H, vector_end, codes, table, scale, scale_lut, \
                                  zero, srow, half_group, y + m0 * N + n, N); break;
+                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+            }
+        }
+    } else
+#elif defined(QC_AVX2)
+    if (half_group % 8 == 0) {
+        const __m256 table_low = _mm256_loadu_ps(lut16), table_high = _mm256_loadu_ps(lut16 + 8);
+        vector_end = H - H % 8;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+            const int64_t rows = M - m0 < ROWS ? M - m0 : ROWS;
+            switch (rows) {
+#define CASE(R) case R: dot_rows8(R, even + m0 * H, odd + m0 * H, H, vector_end, codes, table_low, table_high, \
+                                  scale, scale_lut, zero, srow, half_group, y + m0 * N + n, N); break;
                 CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
             }
@@ -177,6 +245,19 @@ void qc_lut4_dequantize(const uint8_t *packed, int64_t N, int64_t KP, int64_t K,
                 decode_chunk(codes, j, table, scale, scale_lut, zero, n * groups, half_group, &lo, &hi);
                 _mm512_storeu_ps(out + 2 * j, _mm512_permutex2var_ps(lo, first, hi));
                 _mm512_storeu_ps(out + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
+            }
+        }
+#elif defined(QC_AVX2)
+        if (half_group % 8 == 0) {
+            const __m256 table_low = _mm256_loadu_ps(lut16), table_high = _mm256_loadu_ps(lut16 + 8);
+            for (; j + 8 <= H && 2 * j + 16 <= K; j += 8) {
+                __m256 lo, hi;
+                decode_chunk8(codes, j, table_low, table_high, scale, scale_lut, zero, n * groups, half_group, &lo,
+                              &hi);
+                /* interleave even and odd k back: unpack works within 128-bit halves, then the halves are joined */
+                const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+                _mm256_storeu_ps(out + 2 * j, _mm256_permute2f128_ps(a, b, 0x20));
+                _mm256_storeu_ps(out + 2 * j + 8, _mm256_permute2f128_ps(a, b, 0x31));
             }
         }
 #endif
