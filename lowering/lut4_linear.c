@@ -79,19 +79,23 @@ static inline __m256 lookup16(__m256i idx, __m256 table_low, __m256 table_high) 
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-/* The 16 scaled weight values of the 8 bytes at chunk j: lo = even k, hi = odd k; half_group is a multiple of 8,
- * so the chunk lies in one group. */
-static inline void decode_chunk8(const uint8_t *codes, int64_t j, __m256 table_low, __m256 table_high,
-                                 const void *scale, const float *scale_lut, const uint8_t *zero, int64_t srow,
-                                 int64_t half_group, __m256 *lo, __m256 *hi) {
+/* The 16 scaled weight values of the 8 bytes at chunk j: lo = even k, hi = odd k; the chunk lies in one group
+ * (half_group is a multiple of 8), whose scale s and zero z the caller broadcasts once per group. */
+static inline void decode_chunk8(const uint8_t *codes, int64_t j, __m256 table_low, __m256 table_high, __m256 s,
+                                 __m256 z, __m256 *lo, __m256 *hi) {
     const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + j)));
     const __m256 l = lookup16(_mm256_and_si256(c, _mm256_set1_epi32(0xF)), table_low, table_high);
     const __m256 h = lookup16(_mm256_srli_epi32(c, 4), table_low, table_high);
-    const int64_t g = srow + j / half_group;
-    const __m256 s = _mm256_set1_ps(group_scale(scale, scale_lut, g));
-    const __m256 z = _mm256_set1_ps(zero ? (float)zero[g] : 0.0f);
     *lo = _mm256_mul_ps(_mm256_sub_ps(l, z), s);
     *hi = _mm256_mul_ps(_mm256_sub_ps(h, z), s);
+}
+
+static inline __m256 group_scale8(const void *scale, const float *scale_lut, int64_t g) {
+    return _mm256_set1_ps(group_scale(scale, scale_lut, g));
+}
+
+static inline __m256 group_zero8(const uint8_t *zero, int64_t g) {
+    return _mm256_set1_ps(zero ? (float)zero[g] : 0.0f);
 }
 
 static inline float sum8(__m256 v) {
@@ -107,14 +111,19 @@ static inline __attribute__((always_inline)) void dot_rows8(const int rows, cons
                                                             __m256 table_low, __m256 table_high, const void *scale,
                                                             const float *scale_lut, const uint8_t *zero,
                                                             int64_t srow, int64_t half_group, float *y, int64_t N) {
+    /* one group after another: its scale and zero are broadcast once, and no chunk divides to find its group */
     __m256 acc[ROWS];
     for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < vector_end; j += 8) {
-        __m256 lo, hi;
-        decode_chunk8(codes, j, table_low, table_high, scale, scale_lut, zero, srow, half_group, &lo, &hi);
-        for (int r = 0; r < rows; ++r) {
-            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(even + r * H + j), lo, acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(odd + r * H + j), hi, acc[r]);
+    for (int64_t start = 0, g = srow; start < vector_end; start += half_group, ++g) {
+        const __m256 s = group_scale8(scale, scale_lut, g), z = group_zero8(zero, g);
+        const int64_t end = start + half_group < vector_end ? start + half_group : vector_end;
+        for (int64_t j = start; j < end; j += 8) {
+            __m256 lo, hi;
+            decode_chunk8(codes, j, table_low, table_high, s, z, &lo, &hi);
+            for (int r = 0; r < rows; ++r) {
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(even + r * H + j), lo, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(odd + r * H + j), hi, acc[r]);
+            }
         }
     }
     for (int r = 0; r < rows; ++r) y[r * N] = sum8(acc[r]);
@@ -251,9 +260,10 @@ void qc_lut4_dequantize(const uint8_t *packed, int64_t N, int64_t KP, int64_t K,
         if (half_group % 8 == 0) {
             const __m256 table_low = _mm256_loadu_ps(lut16), table_high = _mm256_loadu_ps(lut16 + 8);
             for (; j + 8 <= H && 2 * j + 16 <= K; j += 8) {
+                const int64_t g = n * groups + j / half_group;
                 __m256 lo, hi;
-                decode_chunk8(codes, j, table_low, table_high, scale, scale_lut, zero, n * groups, half_group, &lo,
-                              &hi);
+                decode_chunk8(codes, j, table_low, table_high, group_scale8(scale, scale_lut, g), group_zero8(zero, g),
+                              &lo, &hi);
                 /* interleave even and odd k back: unpack works within 128-bit halves, then the halves are joined */
                 const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
                 _mm256_storeu_ps(out + 2 * j, _mm256_permute2f128_ps(a, b, 0x20));
