@@ -81,17 +81,24 @@ def _onednn_int8_gemm_is_exact() -> bool:
     return bool((out == 127 * 127 * k).all())
 
 
-def takes_integer_gemm(
-    x_dtype: torch.dtype, k: int, weight: Tensor, input_format: str, input_granularity: str
-) -> bool:
-    """Whether an int8_linear (activation dtype `x_dtype`, `k` input features) multiplies INT8 by INT8 on the CPU
-    fast paths (`torch._int_mm` here, oneDNN in `qcompile.lowering.onednn`)."""
+def _has_int8_operands(x_dtype: torch.dtype, weight: Tensor, input_format: str, input_granularity: str) -> bool:
+    """Whether an int8_linear quantizes its float input to INT8 codes against a 2-D INT8 weight."""
     return (
         input_format == "int8"
         and input_granularity in ("tensor", "token")
         and weight.dtype == torch.int8
         and weight.dim() == 2
         and x_dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
+def takes_integer_gemm(
+    x_dtype: torch.dtype, k: int, weight: Tensor, input_format: str, input_granularity: str
+) -> bool:
+    """Whether an int8_linear (activation dtype `x_dtype`, `k` input features) multiplies INT8 by INT8 on the CPU
+    fast paths (`torch._int_mm` here, oneDNN in `qcompile.lowering.onednn`)."""
+    return (
+        _has_int8_operands(x_dtype, weight, input_format, input_granularity)
         # torch._int_mm returns wrong sums on the CPU when K == 1 (measured with torch 2.13); such a layer is a
         # scalar product per output anyway
         and 1 < k <= MAX_EXACT_K
@@ -225,14 +232,7 @@ def decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_form
     Where the integer GEMM is not fast and exact (see `has_fast_int8_gemm`), the reference's arithmetic as aten
     ops instead: the quantization still fuses, and under freezing the weight is dequantized once.
     """
-    if (
-        x.device.type != "cpu"
-        or input_format != "int8"
-        or input_granularity not in ("tensor", "token")
-        or weight.dtype != torch.int8
-        or weight.dim() != 2
-        or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-    ):
+    if x.device.type != "cpu" or not _has_int8_operands(x.dtype, weight, input_format, input_granularity):
         return NotImplemented
     if _takes_int_mm(x, weight, input_format, input_granularity):
         return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
@@ -357,9 +357,7 @@ def register() -> None:
 
 
 def _register_inductor_decomposition() -> None:
-    from torch._inductor import decomposition
-
-    from torch._inductor import lowering
+    from torch._inductor import decomposition, lowering
 
     for op, decompose in [(torch.ops.qcompile.int8_linear.default, decompose_int8_linear),
                           (torch.ops.qcompile.fp8_linear.default, decompose_fp8_linear)]:
@@ -368,6 +366,6 @@ def _register_inductor_decomposition() -> None:
         lowering.make_fallback(op, override_decomp=True)
 
 
-__all__ = ["MAX_EXACT_K", "SMALL_BATCH", "decompose_int8_linear", "int4_linear", "int4_weight", "int8_linear",
-           "check_finite_amax", "has_fast_int8_gemm", "int8_codes", "int8_linear_dequantized", "int8_linear_int_mm", "takes_integer_gemm", "nvfp4_linear", "nvfp4_weight", "register",
-           "decompose_fp8_linear"]
+__all__ = ["MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear", "decompose_int8_linear",
+           "has_fast_int8_gemm", "int4_linear", "int4_weight", "int8_codes", "int8_linear", "int8_linear_dequantized",
+           "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register", "takes_integer_gemm"]
