@@ -23,12 +23,12 @@ BENCH_RECIPES=${BENCH_RECIPES:-int4_awq,nvfp4_weight_only,fp8_dynamic,int8_dynam
 
 SITE=/tmp/qcompile-site
 if ls "$ROOT"/.whl/qcompile-*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$ROOT"/.whl/qcompile-*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/qcompile-*.whl
 else
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$ROOT"
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target "$SITE" "$ROOT"
 fi
 export PYTHONPATH=$SITE
-python3 -c "import qcompile, qcompile.lowering.triton as t; print(qcompile.__file__, t.available())" 2>&1 | tee -a "$OUTDIR/env.txt"
+(cd /tmp && python3 -c "import qcompile, qcompile.lowering.triton as t; print(qcompile.__file__, t.available())") 2>&1 | tee -a "$OUTDIR/env.txt"
 
 # From outside the checkout, so that `import qcompile` finds the installed package, not the source folder.
 (cd /tmp && timeout "$TEST_SECONDS" python3 -m pytest -p no:cacheprovider -q -ra --rootdir "$ROOT" \
