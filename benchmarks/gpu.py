@@ -405,12 +405,51 @@ def _bench_8bit(rows: list, skipped: list, device, m: int, n: int, k: int) -> No
         _row(rows, "int8 GEMM (triton)", m, n, k, ms_tr, "bf16 matmul", ms_bf16)
 
 
+def _graph_ms(calls, iters: int = 20) -> float:
+    """Median device milliseconds per call of `calls` (functions on different weight copies), replayed from one
+    CUDA graph: no host launch overhead, and weights that do not stay in L2 between calls of the same copy."""
+    for fn in calls:  # warm-up (tuning and compilation happen outside the graph)
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _copies(nbytes: int, l2_bytes: int) -> int:
+    """How many weight copies a graph cycles through so that together they are 3x the L2 cache."""
+    return max(1, min(64, math.ceil(3 * l2_bytes / max(nbytes, 1))))
+
+
 def _bench_weight_only(rows: list, device, n: int, k: int, ms_list, copy_gbps: float) -> None:
-    """INT4 (groups of 128) and NVFP4 weight-only GEMV/GEMM against bf16, with achieved bandwidth."""
+    """INT4 (groups of 128) and NVFP4 weight-only GEMV/GEMM against bf16, with achieved bandwidth.
+
+    "ms" is `do_bench` (one launch from Python per call, L2 flushed): at M = 1 it is mostly host launch overhead.
+    "graph ms" is the device time per call replayed from a CUDA graph over enough weight copies to defeat L2, as
+    decode steps run in serving engines; GB/s and the fraction of copy bandwidth are computed from it.
+    """
     from qcompile import numerics
     from qcompile.lowering.triton import launch
 
     bf16 = torch.bfloat16
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
     w = torch.randn(n, k, device=device, dtype=bf16) * 0.02
     t4 = numerics.quantize_int4(w, 128)
     tn = numerics.quantize_nvfp4(w)
@@ -418,18 +457,41 @@ def _bench_weight_only(rows: list, device, n: int, k: int, ms_list, copy_gbps: f
         x = torch.randn(m, k, device=device, dtype=bf16)
         ms_bf16 = _bench(functools.partial(torch.matmul, x, w.t()))
         io_bytes = m * k * 2 + m * n * 2
+        w_copies = [w] + [w.clone() for _ in range(_copies(w.numel() * 2, l2) - 1)]
+        graph_bf16 = _graph_ms([functools.partial(torch.matmul, x, c.t()) for c in w_copies])
+        del w_copies
+        int4_bytes = t4.packed.numel() + t4.scale.numel() * 4
+        nvfp4_bytes = tn.packed.numel() + tn.block_scale.numel()
         variants = (
-            ("int4 g128 weight-only", t4.packed.numel() + t4.scale.numel() * 4,
-             functools.partial(launch.w4_gemm, x, None, t4.packed, t4.scale, None, 128, None, None, bf16)),
-            ("nvfp4 weight-only", tn.packed.numel() + tn.block_scale.numel(),
-             functools.partial(launch.w4_gemm, x, None, tn.packed, tn.block_scale, None, 16, tn.global_scale, None,
-                               bf16)),
+            ("int4 g128 weight-only", int4_bytes,
+             lambda p, s: functools.partial(launch.w4_gemm, x, None, p, s, None, 128, None, None, bf16),
+             t4.packed, t4.scale),
+            ("nvfp4 weight-only", nvfp4_bytes,
+             lambda p, s: functools.partial(launch.w4_gemm, x, None, p, s, None, 16, tn.global_scale, None, bf16),
+             tn.packed, tn.block_scale),
         )
-        for name, weight_bytes, fn in variants:
-            ms = _bench(fn)
-            gbps = (weight_bytes + io_bytes) / ms / 1e6
+        for name, weight_bytes, make, packed, scale in variants:
+            ms = _bench(make(packed, scale))
+            copies = [(packed, scale)] + [(packed.clone(), scale.clone())
+                                          for _ in range(_copies(weight_bytes, l2) - 1)]
+            graph = _graph_ms([make(p, s) for p, s in copies])
+            del copies
+            gbps = (weight_bytes + io_bytes) / graph / 1e6
             _row(rows, name + (" GEMV" if m <= 16 else " GEMM"), m, n, k, ms, "bf16 matmul", ms_bf16, gbps=gbps,
-                 copy_fraction=gbps / copy_gbps, baseline_gbps=(n * k * 2 + io_bytes) / ms_bf16 / 1e6)
+                 copy_fraction=gbps / copy_gbps, graph_ms=graph, baseline_graph_ms=graph_bf16,
+                 graph_speedup=graph_bf16 / graph, baseline_gbps=(n * k * 2 + io_bytes) / graph_bf16 / 1e6)
+            print(f"    graph: {graph:.4f} ms/call ({gbps:.0f} GB/s, {gbps / copy_gbps:.0%} of copy), bf16 "
+                  f"{graph_bf16:.4f} ms/call: {graph_bf16 / graph:.2f}x; tuned "
+                  f"{launch.tuned_configs().get(_last_w4_key(launch, m, n, k, name))}", flush=True)
+
+
+def _last_w4_key(launch, m: int, n: int, k: int, name: str):
+    """The tuning key of the w4 launcher for this benchmark row (to print the configuration it chose)."""
+    for key in launch.tuned_configs():
+        if key[0] == "w4" and key[2] == launch._m_bucket(m) and key[3] == n and key[4] == k \
+                and key[8] == name.startswith("nvfp4"):
+            return key
+    return None
 
 
 def _bench_activation_quant(rows: list, device, copy_gbps: float) -> None:
@@ -522,7 +584,8 @@ def end_to_end(device, recipes: list[str], args, budget: Budget, skipped: list) 
             t0 = time.monotonic()
             try:
                 compiled = torch.compile(model, backend="quant", options={"recipe": recipe}, dynamic=False)
-                if qcompile.RECIPES[recipe].static_inputs:
+                r = qcompile.RECIPES[recipe]
+                if r.static_inputs or r.algorithm != "max":  # static scales, or AWQ/GPTQ/SmoothQuant statistics
                     with qcompile.calibrate(compiled):
                         compiled(prefill)
                         compiled(prefill.roll(1, dims=1))

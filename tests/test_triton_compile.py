@@ -117,3 +117,19 @@ def test_w4_gemm(case):
                 "out_ptr": out}
     compiled = compile_sm90(kernels.w4_gemm_kernel, pointers, consts, cfg.num_warps, cfg.num_stages)
     _check(compiled, pipelined=True)
+
+
+@pytest.mark.parametrize("weights", ["int4", "int4-asym", "nvfp4"])
+def test_w4_gemv(weights):
+    """Every GEMV configuration compiles, for one token and four rows of A, with 16-byte weight loads and no
+    int-to-float conversion instructions (a quarter of the float rate; the nibbles are decoded by bit operations)."""
+    is_nvfp4 = weights == "nvfp4"
+    for m in (1, 4):
+        for cfg in launch._gemv_configs(m, 128, is_nvfp4):
+            pointers = {"a_ptr": "bf16", "w_ptr": "u8", "s_ptr": "u8" if is_nvfp4 else "fp32", "zp_ptr": "u8",
+                        "bias_ptr": "bf16", "out_ptr": "fp32" if cfg.SPLIT_K > 1 else "bf16"}
+            consts = dict(IS_NVFP4=is_nvfp4, HAS_ZP=weights == "int4-asym", GROUP=16 if is_nvfp4 else 128,
+                          HAS_BIAS=True, BLOCK_M=m, BLOCK_N=cfg.BLOCK_N, BLOCK_KB=cfg.BLOCK_KB, SPLIT_K=cfg.SPLIT_K)
+            ptx = compile_sm90(kernels.w4_gemv_kernel, pointers, consts, cfg.num_warps, cfg.num_stages).asm["ptx"]
+            assert "ld.global.v4.b32" in ptx, (m, cfg)
+            assert "cvt.rn.f32.s32" not in ptx and "cvt.rn.f32.u32" not in ptx, (m, cfg)

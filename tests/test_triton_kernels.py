@@ -21,6 +21,7 @@ a CUDA device (and inside the interpreter subprocess).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -361,6 +362,42 @@ class TestInterpreter:
         assert_matches(out8, ref.int8_linear(x, t8.q, t8.scale, None, None, "int8", "token"),
                        ref.quantize_input(x, "int8", "token", None), numerics.dequantize_int8(t8))
 
+    @pytest.mark.parametrize("cfg", [launch.GemvCfg(4, 16, 1), launch.GemvCfg(8, 32, 3), launch.GemvCfg(16, 16, 2)])
+    @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (3, torch.float16), (4, torch.float32)])
+    def test_gemv_configurations_agree(self, cfg, m, dtype):
+        """The CUDA-core GEMV of decode steps: N and K that no chunk divides, uneven split-K, bias, both weights."""
+        x, w = make_x(m, 330, dtype, seed=75 + m), make_w(37, 330)
+        bias = torch.randn(37, generator=_gen(9))
+        for sym in (True, False):
+            t = numerics.quantize_int4(w, 64, symmetric=sym)
+            out = launch.w4_gemm(x, None, t.packed, t.scale, t.zero_point, 64, None, bias, x.dtype, config=cfg)
+            want = ref.int4_linear(x, t.packed, t.scale, t.zero_point, 64, 4, 330, bias, None, "none", "tensor")
+            assert_matches(out, want, x, numerics.dequantize_int4(t), bias)
+        t = numerics.quantize_nvfp4(w)
+        out = launch.w4_gemm(x, None, t.packed, t.block_scale, None, 16, t.global_scale.reshape(1).float(), bias,
+                             x.dtype, config=cfg)
+        want = ref.nvfp4_linear(x, t.packed, t.block_scale, t.global_scale, 330, bias, None, "none", "block")
+        assert_matches(out, want, x, numerics.dequantize_nvfp4(t), bias)
+
+    def test_gemv_is_the_decode_path_and_rejects_what_it_cannot_run(self):
+        x, w = make_x(2, 256, seed=78), make_w(16, 256)
+        t = numerics.quantize_int4(w, 128)
+        assert isinstance(launch._gemv_configs(2, 128, False)[0], launch.GemvCfg)
+        assert launch._gemv_configs(launch.GEMV_MAX_M + 1, 128, False) == ()
+        assert launch._gemv_configs(1, 24, False) == ()  # no 32-element chunk lies inside a group of 24
+        x[0, 5], x[1, 7], x[1, 9] = float("nan"), float("inf"), float("-inf")
+        for bias in (None, torch.randn(16, generator=_gen(10))):  # NaN and inf propagate as in the reference
+            out = launch.w4_gemm(x, None, t.packed, t.scale, None, 128, None, bias, x.dtype)
+            want = ref.int4_linear(x, t.packed, t.scale, None, 128, 4, 256, bias, None, "none", "tensor")
+            assert out.isnan().any() and out.isnan().all(dim=1).tolist() == want.isnan().all(dim=1).tolist()
+            assert_matches(out, want, x.nan_to_num(0, 0, 0), numerics.dequantize_int4(t), bias)
+        a, sa = launch.quantize_rows(x.nan_to_num(0, 0, 0), "int8")
+        with pytest.raises(ValueError, match="float activations"):
+            launch.w4_gemm(a, sa, t.packed, t.scale, None, 128, None, None, x.dtype, config=launch.GemvCfg(8, 16))
+        with pytest.raises(ValueError, match="inside a group"):  # 128-element chunks would straddle groups of 64
+            t64 = numerics.quantize_int4(w, 64)
+            launch.w4_gemm(x, None, t64.packed, t64.scale, None, 64, None, None, x.dtype, config=launch.GemvCfg(8, 64))
+
     def test_empty_batch(self):
         x = torch.zeros(0, 64, dtype=torch.float16)
         t = numerics.quantize_int4(make_w(16, 64), 32)
@@ -521,6 +558,30 @@ def test_cuda_full_size(cuda, case, m):
         out = getattr(torch.ops.qcompile, op)(*args)  # the registered CUDA implementation
         expected = getattr(ref, op)(*args)
         assert_matches(out, expected, ref.quantize_input(x, fmt, gran, scale), w_deq, bias)
+
+
+@pytest.mark.parametrize("weights", ["int4", "int4_asym", "nvfp4"])
+def test_cuda_gemv_every_configuration(cuda, weights):
+    """Tuning keeps the fastest kernel without checking it: here every GEMV configuration is checked on hardware."""
+    n, k = 4096 + 48, 4096 + 64
+    w = make_w(n, k, device=cuda)
+    wargs, w_deq = _weight_args(weights, w)
+    bias = torch.randn(n, device=cuda)
+    for m, dtype in ((1, torch.bfloat16), (3, torch.float16)):
+        x = make_x(m, k, dtype, seed=m + 5, device=cuda)
+        if weights == "nvfp4":
+            packed, bscale, gs, _ = wargs
+            expected = ref.nvfp4_linear(x, *wargs, bias, None, "none", "block")
+            run = functools.partial(launch.w4_gemm, x, None, packed, bscale, None, 16, gs.reshape(1), bias, dtype)
+        else:
+            packed, scale, zp, group = wargs[:4]
+            expected = ref.int4_linear(x, *wargs, bias, None, "none", "tensor")
+            run = functools.partial(launch.w4_gemm, x, None, packed, scale, zp, group, None, bias, dtype)
+        configs = launch._gemv_configs(m, 16 if weights == "nvfp4" else 128, weights == "nvfp4")
+        assert len(configs) >= 4
+        for cfg in configs:
+            out = run(config=cfg)
+            assert_matches(out, expected, x, w_deq, bias)
 
 
 def test_cuda_activation_quantization_bitwise(cuda):

@@ -117,6 +117,37 @@ W8_PREFILL = (
 FP32_DECODE = (Cfg(16, 64, 64, 1, 1, 4, 3), Cfg(16, 64, 64, 4, 1, 4, 3), Cfg(16, 32, 64, 8, 1, 4, 3))
 FP32_PREFILL = (Cfg(64, 64, 32, 1, 8, 4, 3), Cfg(32, 64, 64, 1, 8, 4, 3))
 
+
+
+@dataclass(frozen=True)
+class GemvCfg:
+    """A configuration of the CUDA-core weight-only GEMV (`w4_gemv_kernel`), for M <= GEMV_MAX_M."""
+
+    BLOCK_N: int
+    BLOCK_KB: int  # bytes of each weight row per step (2 * BLOCK_KB elements)
+    SPLIT_K: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def kwargs(self) -> dict:
+        return {"BLOCK_N": self.BLOCK_N, "BLOCK_KB": self.BLOCK_KB, "SPLIT_K": self.SPLIT_K,
+                "num_warps": self.num_warps, "num_stages": self.num_stages, **_COMPILE_OPTIONS}
+
+
+GEMV_MAX_M = 4
+# Tried alongside W4_DECODE on the first call of each shape; the fastest of both kernels is kept.
+W4_GEMV = (
+    GemvCfg(16, 128, 1, 4, 3),
+    GemvCfg(32, 64, 1, 4, 3),
+    GemvCfg(8, 256, 1, 4, 3),
+    GemvCfg(16, 256, 1, 8, 3),
+    GemvCfg(32, 128, 1, 8, 3),
+    GemvCfg(16, 128, 2, 4, 4),
+    GemvCfg(16, 128, 4, 4, 3),
+    GemvCfg(4, 256, 2, 2, 4),
+)
+INTERPRET_GEMV = GemvCfg(8, 16, 2)
+
 # One small configuration per kernel family for the CPU interpreter (its speed hardly depends on tile sizes);
 # decode uses split-K so that the atomic path is exercised as well.
 INTERPRET_W4 = {"decode": Cfg(16, 32, 64, 2, 1), "prefill": Cfg(32, 32, 64, 1, 2)}
@@ -233,21 +264,26 @@ def _empty_product(m: int, n: int, bias: Tensor | None, out_dtype: torch.dtype, 
     return out.to(out_dtype)
 
 
-def _gemm(kernel, key, configs, config, m, n, out_dtype, device, pointers, ints, strides, flags) -> Tensor:
+def _gemm(kernel, key, configs, config, m, n, out_dtype, device, pointers, ints, strides, flags,
+          launch_other=None) -> Tensor:
     """Launch `kernel` as `kernel(*pointers, out, *ints, *strides, stride_om, **flags, **config)`.
 
     Split-K configurations accumulate into a zeroed float32 buffer, cast to `out_dtype` at the end; the others
-    write `out_dtype` directly.
+    write `out_dtype` directly. A configuration that is not a `Cfg` belongs to another kernel for the same product,
+    launched by `launch_other(config, out)`; tuning then chooses between the kernels too.
     """
 
-    def run(cfg: Cfg) -> Tensor:
+    def run(cfg) -> Tensor:
         split = cfg.SPLIT_K > 1
         if split:
             buf = torch.zeros((m, n), dtype=torch.float32, device=device)
         else:
             buf = torch.empty((m, n), dtype=out_dtype, device=device)
-        grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K)
-        kernel[grid](*pointers, buf, *ints, *strides, buf.stride(0), **flags, **cfg.kwargs())
+        if isinstance(cfg, Cfg):
+            grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K)
+            kernel[grid](*pointers, buf, *ints, *strides, buf.stride(0), **flags, **cfg.kwargs())
+        else:
+            launch_other(cfg, buf)
         return buf.to(out_dtype) if split else buf
 
     if config is None:
@@ -396,7 +432,17 @@ def w4_gemm(
     phase = "decode" if m <= DECODE_MAX_M else "prefill"
     min_half, divides = (16 if a_kind else 8), (group if after_dot else None)
     configs, interpret_cfg = _plan("w4", a.dtype == torch.float32, phase, min_half, divides)
-    config = _resolve(config, configs, interpret_cfg, min_half, divides)
+    gemv_configs = _gemv_configs(m, group, is_nvfp4) if a_scale is None else ()
+    if isinstance(config, GemvCfg) and not (gemv_configs and (is_nvfp4 or group % (2 * config.BLOCK_KB) == 0)):
+        raise ValueError(f"{config} needs float activations without a scale, at most {GEMV_MAX_M} rows, and "
+                         f"chunks of 2*BLOCK_KB elements inside a group ({group})")
+    if gemv_configs and not isinstance(config, Cfg):
+        # few rows of float A: the GEMV competes with the tile kernel's decode configurations when tuning
+        configs = gemv_configs + configs
+        if config is None and interpreting():
+            config = gemv_configs[-1]  # the interpreter's configuration (split-K, several chunks per row)
+    else:
+        config = _resolve(config, configs, interpret_cfg, min_half, divides)
     has_as = a_scale is not None
     if is_nvfp4:
         scale = scale.view(torch.uint8)  # decoded in the kernel by integer ops (no FP8 type needed on the GPU)
@@ -406,13 +452,48 @@ def w4_gemm(
         A_KIND=a_kind, HAS_A_SCALE=has_as, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
     )
     stride_as = 0 if not has_as or a_scale.numel() == 1 else 1
+    gs = global_scale.reshape(1) if is_nvfp4 else a
+    bias_arg = bias if bias is not None else a
     key = ("w4", phase, _m_bucket(m), n, k, a.dtype, out_dtype, a.device.index, *flags.values())
+    gemv_flags = dict(IS_NVFP4=is_nvfp4, HAS_ZP=zero_point is not None, GROUP=group, HAS_BIAS=bias is not None,
+                      BLOCK_M=triton.next_power_of_2(m))
+
+    def launch_gemv(cfg: GemvCfg, buf: Tensor) -> None:
+        grid = (triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K)
+        kernels.w4_gemv_kernel[grid](
+            a, packed, scale, zp, gs, bias_arg, buf, m, n, k, kp2,
+            a.stride(0), packed.stride(0), scale.stride(0), zp.stride(0), buf.stride(0),
+            **gemv_flags, **cfg.kwargs(),
+        )
+
     return _gemm(
         kernels.w4_gemm_kernel, key, configs, config, m, n, out_dtype, a.device,
-        (a, a_scale if has_as else a, packed, scale, zp, global_scale.reshape(1) if is_nvfp4 else a,
-         bias if bias is not None else a),
+        (a, a_scale if has_as else a, packed, scale, zp, gs, bias_arg),
         (m, n, k, kp2), (a.stride(0), stride_as, packed.stride(0), scale.stride(0), zp.stride(0)), flags,
+        launch_other=launch_gemv,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv_configs(m: int, group: int, is_nvfp4: bool) -> tuple[GemvCfg, ...]:
+    """The GEMV configurations for float activations with m rows: chunks inside one INT group (2*BLOCK_KB
+    divides it) or whole NVFP4 blocks (BLOCK_KB a multiple of 8 bytes); empty when M is too large or none fits.
+
+    The kernel shares each decoded weight tile among the m rows, so the tile shape does not depend on m."""
+    if m > GEMV_MAX_M:
+        return ()
+    out = []
+    for c in (INTERPRET_GEMV,) if interpreting() else W4_GEMV:
+        kb, bn = c.BLOCK_KB, c.BLOCK_N
+        if not is_nvfp4:
+            while kb >= 16 and group % (2 * kb):
+                kb, bn = kb // 2, bn * 2  # same bytes per step: wide loads stay wide
+            if kb < 16:
+                continue
+        fitted = dataclasses.replace(c, BLOCK_KB=kb, BLOCK_N=bn)
+        if fitted not in out:
+            out.append(fitted)
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------ cuBLASLt path
@@ -440,6 +521,8 @@ def scaled_mm_supported(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> bool:
 __all__ = [
     "Cfg",
     "DECODE_MAX_M",
+    "GEMV_MAX_M",
+    "GemvCfg",
     "capability",
     "ceil_div",
     "interpreting",
