@@ -515,8 +515,12 @@ def _bench_activation_quant(rows: list, device, copy_gbps: float) -> None:
         print(f"  {name:<34} {'2048x4096':>20} {ms:.4f} ms  {gbps:.0f} GB/s", flush=True)
 
 
-def kernel_benchmarks(device, copy_gbps: float, budget: Budget, skipped: list) -> list[dict]:
+def kernel_benchmarks(device, copy_gbps: float, budget: Budget, skipped: list, quick: bool = False) -> list[dict]:
     rows: list[dict] = []
+    if quick:  # the weight-only GEMVs of the targets only
+        for n, k in ((14336, 4096), (4096, 14336)):
+            _bench_weight_only(rows, device, n, k, (1,), copy_gbps)
+        return rows
     for m, n, k in ((4096, 4096, 4096), (2048, 14336, 4096), (16, 4096, 4096)):
         if budget.left() < 60:
             skipped.append(f"8-bit GEMMs {m}x{n}x{k} (time budget)")
@@ -630,6 +634,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--quick", action="store_true", help="kernels: only the M = 1 weight-only GEMVs of the targets")
     args = p.parse_args(argv)
     args.recipe_list = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in args.recipe_list if r not in RECIPES]
@@ -672,7 +677,7 @@ def main(argv=None) -> int:
 
     if not args.skip_kernels:
         print("\n== kernels", flush=True)
-        result["kernels"] = kernel_benchmarks(device, cl["copy_gbps"], budget, skipped)
+        result["kernels"] = kernel_benchmarks(device, cl["copy_gbps"], budget, skipped, quick=args.quick)
     if not args.skip_e2e:
         print(f"\n== end to end: Llama-shaped, hidden 4096, {args.layers} layers, prefill 1x{args.prefill_len}, "
               f"decode after {args.past_len} tokens", flush=True)

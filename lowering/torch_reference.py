@@ -26,25 +26,41 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dty
     return out.to(out_dtype)
 
 
+def dequantize_int8_weight(weight, weight_scale):
+    return numerics.dequantize_int8(numerics.Int8Tensor(weight, weight_scale))
+
+
+def dequantize_fp8_weight(weight, weight_scale, block_size):
+    return numerics.dequantize_fp8(numerics.FP8Tensor(weight, weight_scale, block_size or None))
+
+
+def dequantize_int4_weight(packed, scale, zero_point, group_size, bits, in_features):
+    return numerics.dequantize_int4(numerics.Int4Tensor(packed, scale, zero_point, group_size, bits, in_features))
+
+
+def dequantize_nvfp4_weight(packed, block_scale, global_scale, in_features):
+    return numerics.dequantize_nvfp4(numerics.NVFP4Tensor(packed, block_scale, global_scale, in_features))
+
+
 def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
-    w = numerics.dequantize_int8(numerics.Int8Tensor(weight, weight_scale))
+    w = dequantize_int8_weight(weight, weight_scale)
     return _linear(quantize_input(x, input_format, input_granularity, input_scale), w, bias, x.dtype)
 
 
 def fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity):
-    w = numerics.dequantize_fp8(numerics.FP8Tensor(weight, weight_scale, block_size or None))
+    w = dequantize_fp8_weight(weight, weight_scale, block_size)
     return _linear(quantize_input(x, input_format, input_granularity, input_scale), w, bias, x.dtype)
 
 
 def int4_linear(
     x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
 ):
-    w = numerics.dequantize_int4(numerics.Int4Tensor(packed, scale, zero_point, group_size, bits, in_features))
+    w = dequantize_int4_weight(packed, scale, zero_point, group_size, bits, in_features)
     return _linear(quantize_input(x, input_format, input_granularity, input_scale), w, bias, x.dtype)
 
 
 def nvfp4_linear(
     x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity
 ):
-    w = numerics.dequantize_nvfp4(numerics.NVFP4Tensor(packed, block_scale, global_scale, in_features))
+    w = dequantize_nvfp4_weight(packed, block_scale, global_scale, in_features)
     return _linear(quantize_input(x, input_format, input_granularity, input_scale), w, bias, x.dtype)

@@ -153,7 +153,7 @@ def search_clip(
     rows, cols = w.shape
     anchor = None
     if tensor_scale:  # one extra row that holds the tensor's max pins the tensor-wide scale
-        anchor = torch.zeros(1, cols)
+        anchor = torch.zeros(1, cols, device=w.device)
         anchor[0, 0] = w.abs().amax()
 
     def quantize(candidate: Tensor) -> Tensor:
@@ -174,7 +174,7 @@ def search_clip(
     else:
         high = grouped.amax(dim=2).clamp(min=0.0)
         low = grouped.amin(dim=2).clamp(max=0.0)
-    best_error = torch.full((rows, grouped.shape[1]), float("inf"))
+    best_error = torch.full((rows, grouped.shape[1]), float("inf"), device=w.device)
     best_ratio = torch.ones_like(best_error)
     if moment is None:
         chunk = max(1, _CLIP_CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[1]))

@@ -100,19 +100,19 @@ class _GroupGrid:
     set the max. With several ratios, each (row, group) keeps the one with the least quantization error of its
     current values, weighted per column by diag H (the ratio 1 is the plain max rule)."""
 
-    def __init__(self, rows: int, groups: int, qmax: float, ratios: tuple[float, ...] = (1.0,)):
+    def __init__(self, rows: int, groups: int, qmax: float, ratios: tuple[float, ...] = (1.0,), device=None):
         self.qmax = qmax
         self.ratios = ratios
-        self.scale = torch.ones(rows, groups)
-        self.anchor = torch.full((rows, groups), -1, dtype=torch.long)
-        self.sign = torch.zeros(rows, groups)
+        self.scale = torch.ones(rows, groups, device=device)
+        self.anchor = torch.full((rows, groups), -1, dtype=torch.long, device=device)
+        self.sign = torch.zeros(rows, groups, device=device)
 
     def fix(self, index: int, values: Tensor, importance: Tensor | None = None) -> None:
         amax, where = values.abs().max(dim=1)
         empty = amax == 0
         scale = amax / self.qmax
         if len(self.ratios) > 1:
-            weight = torch.ones(values.shape[1]) if importance is None else importance
+            weight = torch.ones(values.shape[1], device=values.device) if importance is None else importance
             best, best_error = scale, None
             for ratio in self.ratios:
                 candidate = torch.where(empty, torch.ones_like(amax), ratio * amax / self.qmax)[:, None]
@@ -161,9 +161,9 @@ def gptq_weight(
         raise ValueError(f"layer {name!r}: Hessian of shape {tuple(hessian.shape)} for a weight of {cols} inputs")
     group, qmax = _grid(spec, cols)
     h = hessian.detach().float()
-    grid = _GroupGrid(rows, math.ceil(cols / group), qmax, scale_ratios)
+    grid = _GroupGrid(rows, math.ceil(cols / group), qmax, scale_ratios, device=w.device)
     importance = h.diagonal().clone()
-    order = torch.arange(cols)
+    order = torch.arange(cols, device=w.device)
     if act_order:
         for index in range(grid.scale.shape[1]):  # static groups: scales from the original weight
             columns = slice(index * group, (index + 1) * group)

@@ -114,6 +114,39 @@ def _(x, packed, block_scale, global_scale, in_features, bias, input_scale, inpu
     return _output_like(x, packed.shape[0])
 
 
+# ------------------------------------------------------------------------------------------------- autograd
+# The weights are frozen codes, so only the activation and the bias get gradients: d x = d out @ W, d bias = sum of
+# d out, with W the dequantized weight. Quantized activations pass the gradient straight through (the usual
+# straight-through estimate). This lets a quantized layer sit inside a model that is still trained around it
+# (adapters, heads) and lets graphs with parameters that require grad compile.
+
+
+def _register_backward(op, bias_index: int, dequantize_weight) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.weight_args = inputs[1:bias_index]
+        ctx.x_dtype = inputs[0].dtype
+        bias = inputs[bias_index]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.num_inputs = len(inputs)
+
+    def backward(ctx, grad):
+        grads = [None] * ctx.num_inputs
+        if ctx.needs_input_grad[0]:
+            w = dequantize_weight(*ctx.weight_args)
+            grads[0] = (grad.to(w.dtype) @ w).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[bias_index]:
+            grads[bias_index] = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_backward(int8_linear, 3, lambda weight, scale: ref.dequantize_int8_weight(weight, scale))
+_register_backward(fp8_linear, 4, lambda weight, scale, block_size: ref.dequantize_fp8_weight(weight, scale, block_size))
+_register_backward(int4_linear, 7, lambda *weight: ref.dequantize_int4_weight(*weight))
+_register_backward(nvfp4_linear, 5, lambda *weight: ref.dequantize_nvfp4_weight(*weight))
+
+
 QUANTIZED_LINEAR_OPS = (
     torch.ops.qcompile.int8_linear.default,
     torch.ops.qcompile.fp8_linear.default,
