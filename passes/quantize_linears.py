@@ -62,7 +62,7 @@ def describe(spec: QuantSpec | None) -> str:
 def static_input_scale(fmt: str, amax: Tensor) -> Tensor:
     """Static activation scale from a calibrated amax (for nvfp4: the global scale); 1.0 where amax is 0."""
     amax = amax.detach().float().reshape(())
-    scale = amax / _INPUT_QMAX[fmt]
+    scale = numerics.exact_div(amax, _INPUT_QMAX[fmt])
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -129,7 +129,7 @@ def _fake_quantize_int_groups(weight: Tensor, group: int, bits: int) -> Tensor:
     numerics.check_finite(w, "weight to quantize_int4")
     qmax = float(2 ** (bits - 1) - 1)
     groups = grouped_padded(w, group)
-    scale = groups.abs().amax(dim=-1, keepdim=True) / qmax
+    scale = numerics.exact_div(groups.abs().amax(dim=-1, keepdim=True), qmax)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(groups / scale), -qmax - 1, qmax) + 0.0  # + 0.0: -0 codes are stored as +0
     return (q * scale).reshape(w.shape[0], -1)[:, : w.shape[1]]

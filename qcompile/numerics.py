@@ -98,6 +98,12 @@ def _as_f32(x: Tensor, what: str) -> Tensor:
     return x.to(torch.float32)
 
 
+def exact_div(t: Tensor, divisor: float) -> Tensor:
+    """`t / divisor`, correctly rounded on every device: with a Python number as divisor, PyTorch's CUDA kernels
+    multiply by its reciprocal, which can be one ulp off the division SPEC section 4 defines (and the CPU does)."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
 def _nonzero_scale(scale: Tensor) -> Tensor:
     # A zero scale means an all-zero slice (or an amax so small the division underflowed); 1.0 keeps x/scale
     # finite and still maps every element of that slice to code 0.
@@ -160,7 +166,7 @@ def quantize_int8(x: Tensor, granularity: str = "tensor", scale: ScaleLike = Non
     """
     xf = _as_f32(x, "input to quantize_int8")
     if scale is None:
-        s = _nonzero_scale(_amax(xf, granularity) / INT8_MAX)
+        s = _nonzero_scale(exact_div(_amax(xf, granularity), INT8_MAX))
     else:
         s = _static_scale(scale, xf.device, "static int8 scale")
     # -128 stays unused so the grid is symmetric and negation never overflows.
@@ -204,7 +210,7 @@ def quantize_fp8(
             # Zero padding never raises a block's amax, so partial edge blocks are handled exactly.
             padded = torch.nn.functional.pad(xf.abs(), (0, kb * bs - k, 0, nb * bs - n))
             amax = padded.reshape(nb, bs, kb, bs).amax(dim=(1, 3))
-            s = _nonzero_scale(amax / FP8_E4M3_MAX)
+            s = _nonzero_scale(exact_div(amax, FP8_E4M3_MAX))
         else:
             s = _static_scale(scale, xf.device, "static fp8 block scale")
             if tuple(s.shape) != (nb, kb):
@@ -213,7 +219,7 @@ def quantize_fp8(
         return FP8Tensor(q=q, scale=s, block_size=bs)
 
     if scale is None:
-        s = _nonzero_scale(_amax(xf, granularity) / FP8_E4M3_MAX)
+        s = _nonzero_scale(exact_div(_amax(xf, granularity), FP8_E4M3_MAX))
     else:
         s = _static_scale(scale, xf.device, "static fp8 scale")
     return FP8Tensor(q=_fp8_cast(xf / s), scale=s, block_size=None)
@@ -264,7 +270,7 @@ def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = True, bits
 
     if symmetric:
         qmax = float(2 ** (bits - 1) - 1)  # 7 or 3
-        scale = _nonzero_scale(groups.abs().amax(dim=-1) / qmax)
+        scale = _nonzero_scale(exact_div(groups.abs().amax(dim=-1), qmax))
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -qmax - 1, qmax)
         codes = (q.to(torch.int32) & 0xF).to(torch.uint8)
         zero_point = None
@@ -273,9 +279,9 @@ def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = True, bits
         # Including 0 in the range makes zero exactly representable (padding, ReLU outputs, pruned weights).
         lo = torch.clamp(groups.amin(dim=-1), max=0.0)
         hi = torch.clamp(groups.amax(dim=-1), min=0.0)
-        scale = (hi - lo) / levels
+        scale = exact_div(hi - lo, levels)
         # hi - lo can overflow to inf near the float32 limit even though the scale itself is representable.
-        scale = torch.where(torch.isinf(scale), hi / levels - lo / levels, scale)
+        scale = torch.where(torch.isinf(scale), exact_div(hi, levels) - exact_div(lo, levels), scale)
         scale = _nonzero_scale(scale)
         zp = torch.clamp(torch.round(-lo / scale), 0.0, levels)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zp.unsqueeze(-1), 0.0, levels)
@@ -348,7 +354,7 @@ def quantize_nvfp4(w: Tensor, block_size: int = 16, global_scale: ScaleLike = No
     k = wf.shape[-1]
 
     if global_scale is None:
-        gs = _nonzero_scale(_amax_all(wf) / (E2M1_MAX * FP8_E4M3_MAX))
+        gs = _nonzero_scale(exact_div(_amax_all(wf), E2M1_MAX * FP8_E4M3_MAX))
     else:
         gs = _static_scale(global_scale, wf.device, "nvfp4 global scale")
         if gs.numel() != 1:

@@ -203,13 +203,13 @@ def quantize_activation(x2: Tensor, fmt: str, granularity: str, input_scale: Ten
         numerics.check_finite(x2, _WHAT[fmt])
     if fmt == "nvfp4":
         if input_scale is None:
-            gs = _nonzero(_amax(x2) / (numerics.E2M1_MAX * numerics.FP8_E4M3_MAX))
+            gs = _nonzero(numerics.exact_div(_amax(x2), numerics.E2M1_MAX * numerics.FP8_E4M3_MAX))
         else:
             gs = _nonzero(input_scale.reshape(()).to(device=x2.device, dtype=torch.float32))
         return launch.quantize_nvfp4(x2, gs, packed=False), gs.reshape(1)
     static = input_scale
     if static is None and granularity == "tensor":
-        static = _amax(x2) / _QMAX[fmt]  # dynamic per-tensor: one scale for the whole call
+        static = numerics.exact_div(_amax(x2), _QMAX[fmt])  # dynamic per-tensor: one scale for the whole call
     return launch.quantize_rows(x2, fmt, static)
 
 
