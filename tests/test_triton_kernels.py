@@ -362,13 +362,10 @@ class TestInterpreter:
         assert_matches(out8, ref.int8_linear(x, t8.q, t8.scale, None, None, "int8", "token"),
                        ref.quantize_input(x, "int8", "token", None), numerics.dequantize_int8(t8))
 
-    @pytest.mark.parametrize("cfg", [launch.GemvCfg(4, 16, 1), launch.GemvCfg(8, 32, 3), launch.GemvCfg(16, 16, 2),
-                                     launch.GemvCfg(8, 32, 3, REDUCE_ONCE=True), launch.GemvCfg(4, 16, 1, 4, 3, True)])
+    @pytest.mark.parametrize("cfg", [launch.GemvCfg(4, 16, 1), launch.GemvCfg(8, 32, 3), launch.GemvCfg(16, 16, 2)])
     @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (3, torch.float16), (4, torch.float32), (1, torch.float32)])
     def test_gemv_configurations_agree(self, cfg, m, dtype):
         """The CUDA-core GEMV of decode steps: N and K that no chunk divides, uneven split-K, bias, both weights."""
-        if cfg.REDUCE_ONCE and m > 1:
-            pytest.skip("the one-row variant takes M = 1 only (rejected otherwise: test below)")
         x, w = make_x(m, 330, dtype, seed=75 + m), make_w(37, 330)
         bias = torch.randn(37, generator=_gen(9))
         for sym in (True, False):
@@ -397,9 +394,6 @@ class TestInterpreter:
         a, sa = launch.quantize_rows(x.nan_to_num(0, 0, 0), "int8")
         with pytest.raises(ValueError, match="float activations"):
             launch.w4_gemm(a, sa, t.packed, t.scale, None, 128, None, None, x.dtype, config=launch.GemvCfg(8, 16))
-        with pytest.raises(ValueError, match="one with REDUCE_ONCE"):
-            launch.w4_gemm(x, None, t.packed, t.scale, None, 128, None, None, x.dtype,
-                           config=launch.GemvCfg(8, 16, REDUCE_ONCE=True))
         with pytest.raises(ValueError, match="inside a group"):  # 128-element chunks would straddle groups of 64
             t64 = numerics.quantize_int4(w, 64)
             launch.w4_gemm(x, None, t64.packed, t64.scale, None, 64, None, None, x.dtype, config=launch.GemvCfg(8, 64))

@@ -166,6 +166,15 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
+def _split_k_range(pid_k, size, BLOCK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K tiles [kt0, kt1) of split `pid_k` when `size` elements in tiles of BLOCK are shared by SPLIT_K programs."""
+    num_kt = tl.cdiv(size, BLOCK)
+    per_split = tl.cdiv(num_kt, SPLIT_K)
+    kt0 = pid_k * per_split
+    return kt0, tl.minimum(kt0 + per_split, num_kt)
+
+
+@triton.jit
 def _epilogue(
     acc, rm, rn, m_mask, n_mask, pid_k,
     a_scale_ptr, stride_as, col_scale_ptr, stride_cs, gs_ptr, bias_ptr, out_ptr, stride_om,
@@ -315,10 +324,7 @@ def w8_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
-    num_kt = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt0 = pid_k * per_split
-    kt1 = tl.minimum(kt0 + per_split, num_kt)
+    kt0, kt1 = _split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
 
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
     b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]
@@ -404,10 +410,7 @@ def w4_gemm_kernel(
     rj = tl.arange(0, HALF)
     m_mask = rm < M
     n_mask = rn < N
-    num_kt = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt0 = pid_k * per_split
-    kt1 = tl.minimum(kt0 + per_split, num_kt)
+    kt0, kt1 = _split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
 
     a_rows = a_ptr + rm[:, None].to(tl.int64) * stride_am
     w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
@@ -471,66 +474,12 @@ def w4_gemm_kernel(
 
 
 @triton.jit
-def _w4_gemv_one_row(
-    a_ptr, w_ptr, s_ptr, zp_ptr, gs_ptr, bias_ptr, out_ptr, N, K, KP2, stride_wn, stride_sn, stride_zn,
-    IS_NVFP4: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """`w4_gemv_kernel` with REDUCE_ONCE for M = 1 (see there)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, BLOCK_KB)
-    n_mask = rn < N
-    num_kt = tl.cdiv(KP2, BLOCK_KB)
-    per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt0 = pid_k * per_split
-    kt1 = tl.minimum(kt0 + per_split, num_kt)
-    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
-    s_rows = s_ptr + rn[:, None].to(tl.int64) * stride_sn
-    acc = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
-    for kt in range(kt0, kt1):
-        j = kt * BLOCK_KB + rj
-        ke = 2 * j
-        wb = tl.load(w_rows + j[None, :], mask=n_mask[:, None] & (j[None, :] < KP2), other=0).to(tl.int32)
-        a_e = tl.load(a_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
-        a_o = tl.load(a_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
-        lo = wb & 0xF
-        hi = (wb >> 4) & 0xF
-        if IS_NVFP4:
-            jb = kt * (BLOCK_KB // 8) + tl.arange(0, BLOCK_KB // 8)
-            bsc = tl.load(s_rows + jb[None, :], mask=n_mask[:, None] & (jb[None, :] < KP2 // 8), other=0)
-            bsc = _fp8_e4m3_bits_to_f32(bsc.to(tl.int32))
-            bsc = tl.reshape(tl.broadcast_to(bsc[:, :, None], (BLOCK_N, BLOCK_KB // 8, 8)), (BLOCK_N, BLOCK_KB))
-            acc += (_e2m1_decode(lo) * a_e[None, :] + _e2m1_decode(hi) * a_o[None, :]) * bsc
-        else:
-            g = (kt * BLOCK_KB * 2) // GROUP
-            sc = tl.load(s_ptr + rn.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0)
-            if HAS_ZP:
-                zp = tl.load(zp_ptr + rn.to(tl.int64) * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
-                w_e = _unsigned_nibble_f32(lo) - zp[:, None]
-                w_o = _unsigned_nibble_f32(hi) - zp[:, None]
-            else:
-                w_e = _signed_nibble_f32(lo)
-                w_o = _signed_nibble_f32(hi)
-            acc += (w_e * a_e[None, :] + w_o * a_o[None, :]) * sc[:, None]
-    total = tl.sum(acc, axis=1)
-    rm = tl.arange(0, 1)
-    _epilogue(
-        total[None, :], rm, rn, rm < 1, n_mask, pid_k,
-        a_ptr, 0, s_ptr, 0, gs_ptr, bias_ptr, out_ptr, 0,
-        False, False, IS_NVFP4, HAS_BIAS, SPLIT_K,
-    )
-
-
-@triton.jit
 def w4_gemv_kernel(
     a_ptr, w_ptr, s_ptr, zp_ptr, gs_ptr, bias_ptr, out_ptr,
     M, N, K, KP2,
     stride_am, stride_wn, stride_sn, stride_zn, stride_om,
     IS_NVFP4: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
-    REDUCE_ONCE: tl.constexpr,
 ):
     """out[M, N] = A @ dequant(W)^T for a few rows of float A (M <= BLOCK_M), on the CUDA cores.
 
@@ -542,16 +491,9 @@ def w4_gemv_kernel(
     lies in one group and the group scale multiplies the chunk's partial sums. NVFP4: the FP8 block scale (one per
     8 bytes) multiplies the decoded values; the global scale is applied once at the end.
 
-    REDUCE_ONCE (one row of A): products accumulate element-wise in a [BLOCK_N, BLOCK_KB] tile (group scales
-    applied per element) and are summed across K once at the end, instead of a cross-thread reduction per chunk;
-    A is read as even and odd elements, so the decoded nibbles need no interleaving.
+    Measured on an H200 against a one-row variant that accumulates element-wise and reduces across K once at the
+    end (no join of the nibbles): tuning chose this kernel for every shape, so the variant was dropped.
     """
-    if REDUCE_ONCE:
-        _w4_gemv_one_row(
-            a_ptr, w_ptr, s_ptr, zp_ptr, gs_ptr, bias_ptr, out_ptr, N, K, KP2, stride_wn, stride_sn, stride_zn,
-            IS_NVFP4, HAS_ZP, GROUP, HAS_BIAS, BLOCK_N, BLOCK_KB, SPLIT_K,
-        )
-        return
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -560,10 +502,7 @@ def w4_gemv_kernel(
     rk = tl.arange(0, 2 * BLOCK_KB)
     n_mask = rn < N
     m_mask = rm < M
-    num_kt = tl.cdiv(KP2, BLOCK_KB)
-    per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt0 = pid_k * per_split
-    kt1 = tl.minimum(kt0 + per_split, num_kt)
+    kt0, kt1 = _split_k_range(pid_k, KP2, BLOCK_KB, SPLIT_K)
 
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
     s_rows = s_ptr + rn[:, None].to(tl.int64) * stride_sn

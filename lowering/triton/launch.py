@@ -128,12 +128,10 @@ class GemvCfg:
     SPLIT_K: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    REDUCE_ONCE: bool = False  # one row of A only: sum across K once per program (see the kernel)
 
     def kwargs(self) -> dict:
         return {"BLOCK_N": self.BLOCK_N, "BLOCK_KB": self.BLOCK_KB, "SPLIT_K": self.SPLIT_K,
-                "REDUCE_ONCE": self.REDUCE_ONCE, "num_warps": self.num_warps, "num_stages": self.num_stages,
-                **_COMPILE_OPTIONS}
+                "num_warps": self.num_warps, "num_stages": self.num_stages, **_COMPILE_OPTIONS}
 
 
 GEMV_MAX_M = 4
@@ -147,10 +145,6 @@ W4_GEMV = (
     GemvCfg(16, 128, 2, 4, 4),
     GemvCfg(16, 128, 4, 4, 3),
     GemvCfg(4, 256, 2, 2, 4),
-    GemvCfg(16, 128, 1, 4, 3, True),
-    GemvCfg(32, 64, 1, 4, 3, True),
-    GemvCfg(8, 256, 1, 4, 3, True),
-    GemvCfg(16, 128, 2, 4, 3, True),
 )
 INTERPRET_GEMV = GemvCfg(8, 16, 2)
 
@@ -439,15 +433,14 @@ def w4_gemm(
     min_half, divides = (16 if a_kind else 8), (group if after_dot else None)
     configs, interpret_cfg = _plan("w4", a.dtype == torch.float32, phase, min_half, divides)
     gemv_configs = _gemv_configs(m, group, is_nvfp4) if a_scale is None else ()
-    if isinstance(config, GemvCfg) and not (gemv_configs and (is_nvfp4 or group % (2 * config.BLOCK_KB) == 0)
-                                            and (m == 1 or not config.REDUCE_ONCE)):
-        raise ValueError(f"{config} needs float activations without a scale, at most {GEMV_MAX_M} rows (one with "
-                         f"REDUCE_ONCE), and chunks of 2*BLOCK_KB elements inside a group ({group})")
+    if isinstance(config, GemvCfg) and not (gemv_configs and (is_nvfp4 or group % (2 * config.BLOCK_KB) == 0)):
+        raise ValueError(f"{config} needs float activations without a scale, at most {GEMV_MAX_M} rows, and "
+                         f"chunks of 2*BLOCK_KB elements inside a group ({group})")
     if gemv_configs and not isinstance(config, Cfg):
         # few rows of float A: the GEMV competes with the tile kernel's decode configurations when tuning
         configs = gemv_configs + configs
         if config is None and interpreting():
-            config = gemv_configs[-1]  # the interpreter's (split-K, several chunks per row; one-row variant at M=1)
+            config = gemv_configs[-1]  # the interpreter's configuration (split-K, several chunks per row)
     else:
         config = _resolve(config, configs, interpret_cfg, min_half, divides)
     has_as = a_scale is not None
@@ -490,9 +483,7 @@ def _gemv_configs(m: int, group: int, is_nvfp4: bool) -> tuple[GemvCfg, ...]:
     if m > GEMV_MAX_M:
         return ()
     out = []
-    for c in (INTERPRET_GEMV, dataclasses.replace(INTERPRET_GEMV, REDUCE_ONCE=True)) if interpreting() else W4_GEMV:
-        if c.REDUCE_ONCE and m > 1:
-            continue
+    for c in (INTERPRET_GEMV,) if interpreting() else W4_GEMV:
         kb, bn = c.BLOCK_KB, c.BLOCK_N
         if not is_nvfp4:
             while kb >= 16 and group % (2 * kb):
