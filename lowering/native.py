@@ -116,32 +116,45 @@ def _ptr(t: Tensor | None) -> int | None:
 
 class Lut4Weight:
     """A 4-bit weight as the kernel reads it: packed [N, KP/2] codes, a 16-entry value table, group scales
-    (float32, or uint8 codes through a 256-entry table), optional uint8 zero points."""
+    (float32, or uint8 codes through a 256-entry table), optional uint8 zero points.
+
+    It holds its value tables and any copy it had to make; of the stored codes, scales and zero points it keeps only
+    the addresses, so a cached one never keeps a model's weights alive. The caller keeps those alive while the
+    weight is in use (`qcompile.lowering.cpu` checks that they are the very tensors it was built from)."""
 
     def __init__(self, packed: Tensor, in_features: int, group: int, lut16: Tensor, scale: Tensor,
                  scale_lut: Tensor | None = None, zero: Tensor | None = None):
-        self.packed = packed.contiguous()
+        made = []
+
+        def keep(original: Tensor | None, converted: Tensor | None) -> int | None:
+            if converted is not None and converted is not original:
+                made.append(converted)
+            return _ptr(converted)
+
         self.out_features, self.padded_in = packed.shape[0], 2 * packed.shape[1]
         self.in_features, self.group = in_features, group
-        self.lut16 = lut16.to(torch.float32).contiguous()
-        self.scale = scale.contiguous()
-        self.scale_lut = None if scale_lut is None else scale_lut.to(torch.float32).contiguous()
-        self.zero = None if zero is None else zero.contiguous()
+        lut16_f = lut16.to(torch.float32).contiguous()
+        scale_c = scale.contiguous()
         groups = self.padded_in // group
-        if (group % 2 or self.padded_in % group or self.scale.numel() != self.out_features * groups
-                or self.lut16.numel() != 16):
+        if (group % 2 or self.padded_in % group or scale_c.numel() != self.out_features * groups
+                or lut16_f.numel() != 16):
             raise ValueError("inconsistent 4-bit weight layout for the CPU kernel")
+        scale_lut_f = None if scale_lut is None else scale_lut.to(torch.float32).contiguous()
+        zero_c = None if zero is None else zero.contiguous()
+        # the kernel's arguments after x and M, fixed for the life of the weight (a decode step calls it per layer)
+        self.arguments = (in_features, keep(packed, packed.contiguous()), self.out_features, self.padded_in, group,
+                          lut16_f.data_ptr(), keep(scale, scale_c), _ptr(scale_lut_f), keep(zero, zero_c))
+        self._tables = (lut16_f, scale_lut_f, *made)  # the value tables are the weight's own: always kept
 
 
 def linear(library: ctypes.CDLL, x2d: Tensor, weight: Lut4Weight, bias: Tensor | None) -> Tensor:
     """x2d [M, K] float32 contiguous -> [M, N] float32, straight from the packed codes."""
     m = x2d.shape[0]
     y = torch.empty((m, weight.out_features), dtype=torch.float32)
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
     status = library.qc_lut4_linear(
-        _ptr(x2d), m, weight.in_features, _ptr(weight.packed), weight.out_features, weight.padded_in, weight.group,
-        _ptr(weight.lut16), _ptr(weight.scale), _ptr(weight.scale_lut), _ptr(weight.zero), _ptr(bias), _ptr(y),
-        torch.get_num_threads(),
+        x2d.data_ptr(), m, *weight.arguments, _ptr(bias), y.data_ptr(), torch.get_num_threads()
     )
     if status != 0:
         raise MemoryError("qc_lut4_linear could not allocate its activation buffers")
@@ -151,11 +164,9 @@ def linear(library: ctypes.CDLL, x2d: Tensor, weight: Lut4Weight, bias: Tensor |
 def dequantize(library: ctypes.CDLL, weight: Lut4Weight) -> Tensor:
     """The float32 [N, K] weight, exactly as qcompile.numerics dequantizes it."""
     w = torch.empty((weight.out_features, weight.in_features), dtype=torch.float32)
-    library.qc_lut4_dequantize(
-        _ptr(weight.packed), weight.out_features, weight.padded_in, weight.in_features, weight.group,
-        _ptr(weight.lut16), _ptr(weight.scale), _ptr(weight.scale_lut), _ptr(weight.zero), _ptr(w),
-        torch.get_num_threads(),
-    )
+    k, packed, n, padded_in, group, lut16, scale, scale_lut, zero = weight.arguments
+    library.qc_lut4_dequantize(packed, n, padded_in, k, group, lut16, scale, scale_lut, zero, w.data_ptr(),
+                               torch.get_num_threads())
     return w
 
 

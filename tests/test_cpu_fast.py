@@ -547,6 +547,43 @@ def test_weight_only_kernel_propagates_non_finite_input():
     assert torch.isnan(got[1]).all() and torch.isfinite(got[0]).all()
 
 
+@needs_native
+def test_weight_only_kernel_view_is_cached_per_weight_and_follows_changes(native_calls):
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 64, generator=g)
+
+    def layer():
+        return _int4_args(torch.randn(16, 64, generator=g), "nvfp4", 16)[1]
+
+    def run(weight):
+        return torch.ops.qcompile.nvfp4_linear(x, *weight, None, None, "none", "block")
+
+    def want(weight):
+        return ref.nvfp4_linear(x, *weight, None, None, "none", "block")
+
+    weight = layer()
+    first = run(weight)
+    assert _rel(first, want(weight)) <= REL_TOL
+    cached = dict(cpu_lowering._WEIGHTS)
+    assert _rel(run(weight), first) == 0 and cpu_lowering._WEIGHTS.keys() == cached.keys()  # built once
+    weight[0].bitwise_xor_(0x11)  # the codes change in place: the next call sees them
+    assert _rel(run(weight), want(weight)) <= REL_TOL and _rel(run(weight), first) > 0.01
+    weight[2].mul_(2.0)  # and the global scale
+    assert _rel(run(weight), want(weight)) <= REL_TOL
+    # the cache keeps no weight alive, and a new weight (likely at the freed addresses) is not served the old view
+    alive = weakref.ref(weight[0])
+    del weight
+    gc.collect()
+    assert alive() is None
+    for _ in range(3):
+        other = layer()
+        assert _rel(run(other), want(other)) <= REL_TOL
+        del other
+
+
 def test_weight_only_falls_back_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_failed", False)
