@@ -222,7 +222,7 @@ def int8_linear_dequantized(
     x2d = x.reshape(-1, k).to(torch.float32)
     codes, scale, amax = int8_codes(x2d, input_scale, input_granularity)
     x2d = codes * checked_input_scale(scale, amax)
-    w = numerics.dequantize_int8(numerics.Int8Tensor(weight, weight_scale))
+    w = ref.dequantize_int8_weight(weight, weight_scale)
     out = F.linear(x2d, w, None if bias is None else bias.to(torch.float32))
     return out.reshape(*lead, weight.shape[0]).to(x.dtype)
 

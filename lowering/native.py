@@ -131,8 +131,7 @@ class Lut4Weight:
                 made.append(converted)
             return _ptr(converted)
 
-        self.out_features, self.padded_in = packed.shape[0], 2 * packed.shape[1]
-        self.in_features, self.group = in_features, group
+        self.out_features, self.padded_in, self.in_features = packed.shape[0], 2 * packed.shape[1], in_features
         lut16_f = lut16.to(torch.float32).contiguous()
         scale_c = scale.contiguous()
         groups = self.padded_in // group

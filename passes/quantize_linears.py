@@ -143,7 +143,7 @@ def _fake_quantize_nvfp4(x: Tensor, global_scale: Tensor | None = None) -> Tenso
     numerics.check_finite(v, "tensor to quantize_nvfp4")
     if global_scale is None:
         amax = v.abs().amax() if v.numel() else torch.zeros((), device=v.device)
-        gs = amax / (numerics.E2M1_MAX * numerics.FP8_E4M3_MAX)
+        gs = numerics.exact_div(amax, numerics.E2M1_MAX * numerics.FP8_E4M3_MAX)
     else:
         gs = torch.as_tensor(global_scale, dtype=torch.float32).reshape(())
     gs = torch.where(gs == 0, torch.ones_like(gs), gs)
