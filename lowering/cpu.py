@@ -14,8 +14,11 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
   inductor freezes take `qcompile.lowering.onednn` instead (oneDNN's GEMM on prepacked weights, with the float ops
   after it fused into the call): `backend="quant"` always, `torch.compile(qm)` under inductor's freezing flag.
   All of this needs an INT8 dot-product instruction (AVX-512 VNNI, AVX-VNNI, AMX): without one the integer GEMMs
-  are wrong (oneDNN) or far slower than float32 (`torch._int_mm`), so such CPUs run the reference's arithmetic,
-  decomposed for inductor the same way (`has_fast_int8_gemm`, `int8_linear_dequantized`).
+  are wrong (oneDNN) or far slower than float32 (`torch._int_mm`). x86 CPUs with AVX2 and no such instruction run
+  the C kernel of `native` instead (`int8_gemm.c`: the same quantization, an exact int16 multiply-add GEMM on a
+  weight packed once, the same scaling; 1.3-1.5x the float32 GEMM on MiniLM's shapes, 2-3x for one token), eager
+  and under inductor alike (the op is left whole, `takes_native_int8_gemm`). Other CPUs run the reference's
+  arithmetic, decomposed for inductor the same way (`has_fast_int8_gemm`, `int8_linear_dequantized`).
 - int4_linear and nvfp4_linear: the 4-bit kernel of `native` (C, compiled on first use) multiplies straight from
   the packed codes for small batches (decode steps) and dequantizes once for larger ones. PyTorch's own packed INT4
   kernel (`_weight_int4pack_mm_for_cpu`) is fast only for bfloat16 activations, which would round every activation
@@ -111,6 +114,22 @@ def _takes_int_mm(x: Tensor, weight: Tensor, input_format: str, input_granularit
     return takes_integer_gemm(x.dtype, x.shape[-1], weight, input_format, input_granularity)
 
 
+def takes_native_int8_gemm(
+    x_dtype: torch.dtype, weight: Tensor, weight_scale: Tensor, input_scale: Tensor | None, input_format: str,
+    input_granularity: str,
+) -> bool:
+    """Whether an int8_linear runs the C kernel of `native` (`int8_gemm.c`): INT8 inputs against a 2-D INT8 weight
+    on a CPU with AVX2 and no INT8 dot product, where neither oneDNN nor `torch._int_mm` is both exact and fast."""
+    return (
+        _has_int8_operands(x_dtype, weight, input_format, input_granularity)
+        and weight_scale.numel() in (1, weight.shape[0])
+        and (input_scale is None or input_scale.numel() == 1)
+        and weight.shape[-1] <= MAX_EXACT_K
+        and not has_fast_int8_gemm()
+        and native.has_int8_gemm()
+    )
+
+
 def _raise_if_not_finite(amax: Tensor) -> None:
     if not math.isfinite(amax.max().item()):  # max propagates NaN
         raise ValueError("input to a quantized linear layer contains NaN or inf")
@@ -198,13 +217,45 @@ def int8_linear_int_mm(
     return out.reshape(*lead, n).to(x.dtype)
 
 
+def int8_linear_native(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    input_granularity: str,
+) -> Tensor:
+    """The C kernel of `native` (AVX2): quantize, exact integer GEMM on the packed weight, `acc · s_w · s_x + bias`."""
+    library = native.load()
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k).to(torch.float32).contiguous()
+    static = None  # the kernel's per-row scales (amax / 127), checking each row for NaN/inf as it goes
+    if input_scale is not None:
+        scale = input_scale.to(torch.float32).reshape(())
+        static = torch.where(scale == 0, torch.ones_like(scale), scale)
+    elif input_granularity == "tensor":
+        scale, amax = _input_scale(x2d, None, "tensor", numerics.INT8_MAX)
+        _raise_if_not_finite(amax)
+        static = scale.reshape(()).contiguous()
+    packed = _cached_weight((weight, weight_scale), ("int8",),
+                            lambda: native.Int8Weight(library, weight, weight_scale))
+    out = native.int8_linear(library, x2d, packed, bias, static)
+    return out.reshape(*lead, weight.shape[0]).to(x.dtype)
+
+
 def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
-    if not _takes_int_mm(x, weight, input_format, input_granularity) or x.numel() == 0:
+    int_mm = _takes_int_mm(x, weight, input_format, input_granularity)
+    own_kernel = not int_mm and takes_native_int8_gemm(
+        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
+    )
+    if not (int_mm or own_kernel) or x.numel() == 0:
         return ref.int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
     if input_scale is not None:
         numerics.check_finite(input_scale, "static int8 input scale")
         if bool((input_scale < 0).any()):
             raise ValueError("static int8 input scale must be non-negative")
+    if own_kernel:
+        return int8_linear_native(x, weight, weight_scale, bias, input_scale, input_granularity)
     return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
 
 
@@ -230,10 +281,15 @@ def int8_linear_dequantized(
 def decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
     """Inductor decomposition: the integer path as aten ops, so quantize and scale fuse with their neighbours.
 
-    Where the integer GEMM is not fast and exact (see `has_fast_int8_gemm`), the reference's arithmetic as aten
-    ops instead: the quantization still fuses, and under freezing the weight is dequantized once.
+    Where the integer GEMM is not fast and exact (see `has_fast_int8_gemm`), the op is left whole when the CPU runs
+    `native`'s INT8 kernel (it quantizes, multiplies and scales in one call), and otherwise becomes the reference's
+    arithmetic as aten ops: the quantization still fuses, and under freezing the weight is dequantized once.
     """
     if x.device.type != "cpu" or not _has_int8_operands(x.dtype, weight, input_format, input_granularity):
+        return NotImplemented
+    if not _takes_int_mm(x, weight, input_format, input_granularity) and takes_native_int8_gemm(
+        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
+    ):
         return NotImplemented
     if _takes_int_mm(x, weight, input_format, input_granularity):
         return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
@@ -306,7 +362,7 @@ def _lut4_linear(x, weight_fn, weight_key, bias, input_scale, input_format, inpu
 _WEIGHTS: dict[tuple, tuple] = {}
 
 
-def _cached_weight(sources: tuple, extra: tuple, build) -> native.Lut4Weight:
+def _cached_weight(sources: tuple, extra: tuple, build):
     tensors = [t for t in sources if t is not None]
     if any(t.is_inference() for t in tensors):  # no version counter to tell an in-place change: build each call
         return build()
@@ -406,4 +462,5 @@ def _register_inductor_decomposition() -> None:
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear", "decompose_int8_linear",
            "has_fast_int8_gemm", "int4_linear", "int4_weight", "int8_codes", "int8_linear", "int8_linear_dequantized",
-           "int8_linear_int_mm", "nvfp4_linear", "nvfp4_weight", "register", "takes_integer_gemm"]
+           "int8_linear_int_mm", "int8_linear_native", "nvfp4_linear", "nvfp4_weight", "register", "takes_integer_gemm",
+           "takes_native_int8_gemm"]

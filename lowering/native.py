@@ -1,8 +1,11 @@
-"""The CPU's weight-only kernels (`lut4_linear.c`), compiled on first use for the machine they run on.
+"""The CPU's own C kernels, compiled on first use for the machine they run on.
 
-PyTorch's CPU kernels for packed 4-bit weights (`_weight_int4pack_mm_for_cpu`) are fast only with bfloat16
-activations and have no NVFP4 at all, so the weight-only formats get a small C kernel: a table lookup per code
-(one AVX-512 permute per 16 codes) and a fused multiply-add, reading the packed bytes once per output row.
+- `lut4_linear.c`: PyTorch's CPU kernels for packed 4-bit weights (`_weight_int4pack_mm_for_cpu`) are fast only
+  with bfloat16 activations and have no NVFP4 at all, so the weight-only formats get a small C kernel: a table
+  lookup per code (one AVX-512 permute per 16 codes) and a fused multiply-add, reading the packed bytes once per
+  output row.
+- `int8_gemm.c`: INT8 × INT8 layers on x86 CPUs with AVX2 but no INT8 dot-product instruction, where oneDNN's
+  integer kernels saturate and `torch._int_mm` crawls: exact int16 multiply-adds into int32 (`Int8Weight`).
 
 It is compiled with the system C compiler (`cc`, or `$CC`) with `-O3 -march=native -fopenmp` into
 `$QCOMPILE_CACHE_DIR` (default `~/.cache/qcompile`), keyed by a hash of the source, the flags and the CPU, written
@@ -27,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("lut4_linear.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+SOURCES = (Path(__file__).with_name("lut4_linear.c"), Path(__file__).with_name("int8_gemm.c"))
+# no contraction of a*b+c into FMAs: the INT8 kernel scales its outputs in the reference's order, rounding twice
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -58,17 +62,17 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    sources = [path.read_bytes() for path in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), compiler.encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"lut4_linear-{key}.so"
+    target = cache_dir() / f"qcompile_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -84,6 +88,14 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.qc_lut4_linear.restype = c_int
     library.qc_lut4_dequantize.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, c_int]
     library.qc_lut4_dequantize.restype = None
+    library.qc_int8_available.argtypes = []
+    library.qc_int8_available.restype = c_int
+    library.qc_int8_packed_bytes.argtypes = [i64, i64]
+    library.qc_int8_packed_bytes.restype = i64
+    library.qc_int8_pack_weight.argtypes = [p, i64, i64, p, c_int]
+    library.qc_int8_pack_weight.restype = None
+    library.qc_int8_linear.argtypes = [p, i64, i64, p, p, i64, p, p, p, c_int]
+    library.qc_int8_linear.restype = c_int
     return library
 
 
@@ -105,8 +117,9 @@ def load() -> ctypes.CDLL | None:
             _library = _bind(ctypes.CDLL(str(_build(compiler))))
         except (OSError, RuntimeError) as error:
             _failed = True
-            warnings.warn(f"qcompile: the CPU weight-only kernel is unavailable ({error}); INT4/NVFP4 weight-only "
-                          "layers fall back to the slower plain-PyTorch reference", stacklevel=2)
+            warnings.warn(f"qcompile: the CPU kernels are unavailable ({error}); INT4/NVFP4 weight-only layers, and "
+                          "INT8 layers on CPUs without VNNI, fall back to the slower plain-PyTorch reference",
+                          stacklevel=2)
     return _library
 
 
@@ -169,4 +182,50 @@ def dequantize(library: ctypes.CDLL, weight: Lut4Weight) -> Tensor:
     return w
 
 
-__all__ = ["Lut4Weight", "cache_dir", "dequantize", "linear", "load"]
+class Int8Weight:
+    """An [N, K] INT8 weight as `int8_gemm.c` reads it: int16 panels of 16 output columns (its own 64-byte aligned
+    copy, twice the INT8 bytes and half the float32 ones) and float32 scales per output column. It keeps nothing of
+    the tensors it was built from."""
+
+    def __init__(self, library: ctypes.CDLL, weight: Tensor, weight_scale: Tensor):
+        n, k = weight.shape
+        scale = weight_scale.detach().to(torch.float32).reshape(-1)
+        if weight.dtype != torch.int8 or scale.numel() not in (1, n):
+            raise ValueError("the INT8 CPU kernel takes an int8 [N, K] weight with one scale per tensor or row")
+        self.out_features, self.in_features = n, k
+        self.scale = scale.expand(n).clone()
+        nbytes = library.qc_int8_packed_bytes(n, k)
+        self._buffer = torch.empty(nbytes + 64, dtype=torch.uint8)
+        self.packed = self._buffer.data_ptr() + (-self._buffer.data_ptr()) % 64
+        library.qc_int8_pack_weight(weight.detach().contiguous().data_ptr(), n, k, self.packed,
+                                    torch.get_num_threads())
+
+
+def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Tensor | None,
+                static_scale: Tensor | None) -> Tensor:
+    """x2d [M, K] float32 contiguous -> [M, N] float32: quantized per row (amax / 127), or with `static_scale` (a
+    float32 scalar, non-zero), multiplied exactly in integers, scaled as `acc · s_w · s_x + bias`."""
+    m = x2d.shape[0]
+    y = torch.empty((m, weight.out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    status = library.qc_int8_linear(
+        x2d.data_ptr(), m, weight.in_features, _ptr(static_scale), weight.packed, weight.out_features,
+        weight.scale.data_ptr(), _ptr(bias), y.data_ptr(), torch.get_num_threads(),
+    )
+    if status == 2:
+        raise ValueError("input to a quantized linear layer contains NaN or inf")
+    if status == 1:
+        raise MemoryError("qc_int8_linear could not allocate its buffers")
+    if status != 0:
+        raise RuntimeError("the INT8 CPU kernel was built without AVX2")
+    return y
+
+
+def has_int8_gemm() -> bool:
+    """Whether the INT8 kernel of `int8_gemm.c` is built and usable on this CPU (x86 with AVX2)."""
+    library = load()
+    return library is not None and bool(library.qc_int8_available())
+
+
+__all__ = ["Int8Weight", "Lut4Weight", "cache_dir", "dequantize", "has_int8_gemm", "int8_linear", "linear", "load"]

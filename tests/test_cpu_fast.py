@@ -14,7 +14,7 @@ from torch._inductor.utils import run_and_get_code
 import qcompile as qc
 from qcompile import numerics
 from qcompile.lowering import cpu as cpu_lowering
-from qcompile.lowering import onednn
+from qcompile.lowering import native, onednn
 from qcompile.lowering import torch_reference as ref
 
 REL_TOL = 1e-5
@@ -388,8 +388,10 @@ def test_integer_gemm_gate_matches_the_kernels(monkeypatch):
 
 @pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
 def test_without_fast_integer_gemm_the_reference_runs(recipe, monkeypatch, int_mm_calls):
-    """A CPU without VNNI: eager, compiled and backend='quant' all compute the reference, with no integer kernel."""
+    """A CPU without VNNI or AVX2: eager, compiled and backend='quant' all compute the reference, with no integer
+    kernel."""
     monkeypatch.setattr(cpu_lowering, "has_fast_int8_gemm", lambda: False)
+    monkeypatch.setattr(native, "has_int8_gemm", lambda: False)
     model = _mlp()
     qm = qc.quantize(model, recipe, calib=_calib(), progress=False)
     x = torch.randn(2, 7, 64)
@@ -450,8 +452,6 @@ def test_decomposition_leaves_other_devices_alone():
 
 
 # ------------------------------------------------------------------------------- 4-bit weight-only kernel
-
-from qcompile.lowering import native  # noqa: E402
 
 needs_native = pytest.mark.skipif(native.load() is None, reason="no C compiler: the CPU weight-only kernel is off")
 
@@ -590,7 +590,7 @@ def test_weight_only_falls_back_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setattr(native, "_compiler", lambda: "false")
-    with pytest.warns(UserWarning, match="weight-only kernel is unavailable"):
+    with pytest.warns(UserWarning, match="CPU kernels are unavailable"):
         assert native.load() is None
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
     w = torch.randn(8, 64)
@@ -640,6 +640,157 @@ class _reference_kernels:
 
     def __exit__(self, *exc):
         native._library, native._failed = self._saved
+
+
+# ------------------------------------------------------------------- INT8 kernel for CPUs with AVX2, no VNNI
+
+needs_native_int8 = pytest.mark.skipif(not native.has_int8_gemm(), reason="no C compiler or no AVX2: no INT8 kernel")
+
+
+@pytest.fixture
+def avx2_int8_calls(monkeypatch) -> list:
+    """A CPU without an INT8 dot product (the gate says so, whatever this one has); records the INT8 kernel's calls
+    as (M, K, N, static scale given)."""
+    monkeypatch.setattr(cpu_lowering, "has_fast_int8_gemm", lambda: False)
+    calls = []
+    real = native.int8_linear
+
+    def spy(library, x2d, weight, bias, static_scale):
+        calls.append((*x2d.shape, weight.out_features, static_scale is not None))
+        return real(library, x2d, weight, bias, static_scale)
+
+    monkeypatch.setattr(native, "int8_linear", spy)
+    return calls
+
+
+def _integer_formula(x, weight, weight_scale, bias, input_scale, granularity):
+    """What the kernel must return bit for bit: the reference quantizer's codes and scales, the integer product
+    (exact in float64: |sum| < 2^53), then acc · s_w · s_x + bias rounded in float32 in that order."""
+    xq = numerics.quantize_int8(x.float().reshape(-1, x.shape[-1]), granularity, scale=input_scale)
+    acc = (xq.q.double() @ weight.double().T).float()
+    out = acc * weight_scale.float().reshape(1, -1) * xq.scale.reshape(-1, 1)
+    out = out if bias is None else out + bias.float()
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+NATIVE_CASES = [
+    # (x shape, N, weight granularity, input granularity, static scale, bias)
+    ((1, 1, 576), 1536, "channel", "token", None, True),  # a decode step
+    ((7, 33), 17, "channel", "token", None, True),  # no dimension a multiple of the tiles (6 rows, 16 columns)
+    ((5, 1), 3, "channel", "token", None, False),  # K = 1: one odd pair
+    ((2, 61, 800), 150, "channel", "token", None, True),  # K past one 384-pair block, M past one task of 24 rows
+    ((31, 130), 129, "tensor", "tensor", 0.05, True),  # static per-tensor scale (int8_sq), codes clamped at ±127
+    ((2, 9, 40), 24, "channel", "tensor", None, False),  # dynamic per-tensor
+]
+
+
+@needs_native_int8
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[f"x{c[0]}-n{c[1]}-{c[3]}" for c in NATIVE_CASES])
+def test_avx2_int8_kernel_is_the_integer_formula_bit_for_bit(case, avx2_int8_calls, int_mm_calls):
+    shape, n, w_gran, x_gran, static, with_bias = case
+    g = torch.Generator().manual_seed(sum(shape) + n)
+    x = torch.randn(*shape, generator=g) * 3
+    x.reshape(-1, shape[-1])[0] = 0.0  # an all-zero token: scale 0 replaced by 1, every code 0
+    weight, weight_scale = _weight(n, shape[-1], w_gran, n)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    scale = None if static is None else torch.tensor(static)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, bias, scale, "int8", x_gran)
+    assert len(avx2_int8_calls) == 1 and not int_mm_calls  # the C kernel ran, not a float or oneDNN path
+    assert torch.equal(got, _integer_formula(x, weight, weight_scale, bias, scale, x_gran))
+    want = ref.int8_linear(x, weight, weight_scale, bias, scale, "int8", x_gran)
+    assert _rel(got, want) <= REL_TOL  # and the reference (float32 GEMM of dequantized values) agrees
+
+
+@needs_native_int8
+def test_avx2_int8_kernel_extreme_codes_and_magnitudes(avx2_int8_calls):
+    """Every product ±127·127 (where saturating int16 pair sums go wrong), and tokens near 1e36 and 1e-30."""
+    k = 1000
+    x = torch.full((3, k), 5.0)
+    x[:, 1::2] = -5.0
+    x[1] *= 3e35
+    x[2] *= 1e-31
+    weight = torch.full((20, k), 127, dtype=torch.int8)
+    weight[:, 1::2] = -127
+    weight_scale = torch.rand(20, generator=torch.Generator().manual_seed(4)) * 1e-3
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert len(avx2_int8_calls) == 1
+    assert torch.equal(got, _integer_formula(x, weight, weight_scale, None, None, "token"))
+    # hand-checked: every code is ±127 with matching signs, so acc = 1000 · 127²
+    assert torch.equal(got[0], torch.tensor(1000.0 * 127 * 127) * weight_scale * (torch.tensor(5.0) / 127))
+    assert torch.isfinite(got).all()
+
+
+@needs_native_int8
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("static", [None, 0.1], ids=["dynamic", "static"])
+@pytest.mark.parametrize("column", [4, 37], ids=["vector-part", "tail"])
+def test_avx2_int8_kernel_rejects_non_finite_input(bad, static, column, avx2_int8_calls):
+    x = torch.randn(3, 38)
+    x[2, column] = bad
+    weight, weight_scale = _weight(8, 38, "channel", 3)
+    scale = None if static is None else torch.tensor(static)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, scale, "int8", "token")
+
+
+@needs_native_int8
+def test_avx2_int8_kernel_bfloat16_input_keeps_dtype(avx2_int8_calls):
+    x = torch.randn(4, 32).bfloat16()
+    weight, weight_scale = _weight(16, 32, "channel", 2)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert len(avx2_int8_calls) == 1 and got.dtype == torch.bfloat16
+    assert torch.equal(got, _integer_formula(x, weight, weight_scale, None, None, "token").bfloat16())
+
+
+@needs_native_int8
+def test_avx2_int8_weight_is_packed_once_and_follows_changes(avx2_int8_calls, monkeypatch):
+    packs = []
+    real = native.Int8Weight
+
+    def counting(*args):
+        packs.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(native, "Int8Weight", counting)
+    weight, weight_scale = _weight(24, 48, "channel", 9)
+    x = torch.randn(5, 48)
+    first = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    again = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert torch.equal(first, again) and len(packs) == 1
+    with torch.no_grad():
+        weight.neg_()  # in place: the packed copy must not be reused
+    changed = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert len(packs) == 2 and torch.equal(changed, _integer_formula(x, weight, weight_scale, None, None, "token"))
+
+
+@needs_native_int8
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_avx2_int8_kernel_runs_eager_compiled_and_in_the_backend(recipe, avx2_int8_calls, int_mm_calls):
+    """Without VNNI, every entry point runs the C kernel (the op is called whole from compiled code) and matches the
+    reference lowering."""
+    model = _mlp()
+    qm = qc.quantize(model, recipe, calib=_calib(), progress=False)
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        eager = qm(x)
+    assert len(avx2_int8_calls) == 2  # both layers
+    with torch.no_grad(), _reference_kernels():
+        assert _rel(eager, qm(x)) <= REL_TOL
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for fn in (torch.compile(qm), _traced_with_freezing(torch.compile(qm))):
+            avx2_int8_calls.clear()
+            compiled, code = _compiled_code(fn, x)
+            assert "torch.ops.qcompile.int8_linear.default(" in code and len(avx2_int8_calls) == 2
+            assert _rel(compiled, eager) <= 1e-4  # GELU compiled vs eager between the layers
+        backend, eager_backend = _backend_and_eager(model, recipe, torch.float32)
+        torch._dynamo.reset()
+        avx2_int8_calls.clear()
+        with torch.no_grad():
+            out, code = run_and_get_code(backend, x)
+    assert "torch.ops.qcompile.int8_linear.default(" in "\n".join(code) and len(avx2_int8_calls) == 2
+    assert not int_mm_calls
+    with torch.no_grad():
+        assert _rel(out, eager_backend(x)) <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------- FP8 decomposed

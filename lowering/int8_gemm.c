@@ -1,0 +1,221 @@
+/* INT8 x INT8 linear layers for x86 CPUs with AVX2 but no INT8 dot-product instruction (no VNNI, no AMX).
+ *
+ * There, oneDNN's u8 x s8 kernels add pairs of products in saturating int16 (wrong sums near +-127) and
+ * torch._int_mm runs a reference loop. This kernel widens both operands to int16 and uses vpmaddwd, which adds
+ * pairs of int16 products into int32 lanes exactly (|q_x * q_w| <= 127^2, so a pair is at most 32258): the integer
+ * product is exact for K up to 2^31 / 127^2, and the kernel moves half the bytes of a float32 GEMM.
+ *
+ *   y[m, n] = float(sum_k q_x[m, k] * q_w[n, k]) * s_w[n] * s_x[m] + bias[n]
+ *
+ * with q_x = clamp(round_half_even(x / s_x), -127, 127) and s_x = amax / 127 per row (or one static scale), formed
+ * exactly as qcompile.numerics.quantize_int8 forms them (IEEE division, not a reciprocal), and the output scaled in
+ * the same order as qcompile.lowering.cpu.int8_linear_int_mm (this file is compiled with -ffp-contract=off).
+ *
+ * Layout: the weight is packed once into panels of 16 output columns, each K/2 pairs of 16 x (w[k], w[k+1]) int16,
+ * one 32-byte vector per 8 columns; the activation is quantized into rows of int16 pairs, so one 32-bit broadcast
+ * feeds a vpmaddwd against a weight vector. The micro-kernel holds a 6 x 16 tile of int32 sums in 12 registers.
+ */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define QC_NR 16       /* output columns per weight panel */
+#define QC_MR 6        /* activation rows per micro-kernel call */
+#define QC_N_TILE 2    /* panels per task: 32 columns, 24 KB of packed weight per 384 of K (L2-resident) */
+#define QC_TASKS_PER_THREAD 4
+
+static void *aligned_buffer(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes) == 0 ? p : NULL;
+}
+
+static int64_t pairs_of(int64_t k) { return (k + 1) / 2; }
+static int64_t panels_of(int64_t n) { return (n + QC_NR - 1) / QC_NR; }
+
+/* 1 when this build has the kernel (the compiler targeted a CPU with AVX2), else 0. */
+int qc_int8_available(void) {
+#if defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Bytes of the packed form of an [N, K] weight (what qc_int8_pack_weight writes). */
+int64_t qc_int8_packed_bytes(int64_t N, int64_t K) { return panels_of(N) * pairs_of(K) * QC_NR * 2 * 2; }
+
+/* w int8 [N, K] row-major -> packed int16 panels, zero past N and K. `out` must be 32-byte aligned. */
+void qc_int8_pack_weight(const int8_t *w, int64_t N, int64_t K, int16_t *out, int threads) {
+    const int64_t KP = pairs_of(K), NP = panels_of(N);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < NP; ++p) {
+        int16_t *panel = out + p * KP * QC_NR * 2;
+        for (int64_t kp = 0; kp < KP; ++kp)
+            for (int64_t c = 0; c < QC_NR; ++c)
+                for (int64_t t = 0; t < 2; ++t) {
+                    const int64_t n = p * QC_NR + c, k = 2 * kp + t;
+                    panel[(kp * QC_NR + c) * 2 + t] = (n < N && k < K) ? w[n * K + k] : 0;
+                }
+    }
+}
+
+#if defined(__AVX2__)
+/* 1 when row x [K] holds a NaN or inf; its largest |x| in *amax otherwise. */
+static int row_amax(const float *x, int64_t K, float *amax) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), inf_bits = _mm256_set1_epi32(0x7F800000);
+    __m256i m = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        /* on |x| as int32, ordering is the float ordering, and NaN/inf are the values >= the inf pattern */
+        const __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + k)), abs_mask);
+        m = _mm256_max_epi32(m, v);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, _mm256_sub_epi32(inf_bits, _mm256_set1_epi32(1))));
+    }
+    int32_t lanes[8], best = 0;
+    _mm256_storeu_si256((__m256i *)lanes, m);
+    for (int i = 0; i < 8; ++i) best = lanes[i] > best ? lanes[i] : best;
+    for (; k < K; ++k) {
+        int32_t v;
+        memcpy(&v, x + k, sizeof v);
+        v &= 0x7FFFFFFF;
+        best = v > best ? v : best;
+    }
+    float result;
+    memcpy(&result, &best, sizeof result);
+    *amax = result;
+    return !_mm256_testz_si256(bad, bad) || best >= 0x7F800000;
+}
+
+/* Row x [K] -> int16 codes [2 * KP] (zero past K): clamp(round_half_even(x / scale), -127, 127). */
+static void quantize_row(const float *x, int64_t K, float scale, int16_t *q, int64_t KP) {
+    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 a = _mm256_div_ps(_mm256_loadu_ps(x + k), s), b = _mm256_div_ps(_mm256_loadu_ps(x + k + 8), s);
+        a = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+        b = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+        /* packs interleaves 128-bit halves; the permute puts the 16 codes back in order */
+        const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permute4x64_epi64(packed, 0xD8));
+    }
+    for (; k < K; ++k) {
+        float v = nearbyintf(x[k] / scale);
+        v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+        q[k] = (int16_t)v;
+    }
+    for (; k < 2 * KP; ++k) q[k] = 0;
+}
+
+/* y[rows][16 columns of panel] = scaled a[rows][2 * KP] . panel[KP][16 x 2]: the int32 sums stay in registers for
+ * the whole of K, then become float32 outputs. `cols` (<= 16) columns are stored. */
+static inline void micro_kernel(const int16_t *a, int64_t lda, int rows, const int16_t *b, int64_t KP,
+                                const float *row_scale, const float *col_scale, const float *bias, float *y,
+                                int64_t ldy, int cols) {
+    __m256i c[QC_MR][2];
+    for (int r = 0; r < QC_MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
+    for (int64_t kp = 0; kp < KP; ++kp) {
+        const __m256i b0 = _mm256_load_si256((const __m256i *)(b + kp * 32));
+        const __m256i b1 = _mm256_load_si256((const __m256i *)(b + kp * 32 + 16));
+#define QC_ROW(r)                                                                            \
+    if ((r) < rows) {                                                                        \
+        const __m256i av = _mm256_set1_epi32(*(const int32_t *)(a + (r) * lda + 2 * kp));   \
+        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(av, b0));                      \
+        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(av, b1));                      \
+    }
+        QC_ROW(0) QC_ROW(1) QC_ROW(2) QC_ROW(3) QC_ROW(4) QC_ROW(5)
+#undef QC_ROW
+    }
+    for (int r = 0; r < rows; ++r) {
+        const __m256 sx = _mm256_set1_ps(row_scale[r]);
+        float *out = y + r * ldy;
+        for (int h = 0; h < 2; ++h) {
+            /* (acc * s_w) * s_x + bias, each step rounded to float32 as in int8_linear_int_mm */
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(c[r][h]), _mm256_loadu_ps(col_scale + 8 * h));
+            v = _mm256_mul_ps(v, sx);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * h));
+            if (cols >= 8 * (h + 1)) {
+                _mm256_storeu_ps(out + 8 * h, v);
+            } else if (cols > 8 * h) {
+                float lanes[8];
+                _mm256_storeu_ps(lanes, v);
+                memcpy(out + 8 * h, lanes, (size_t)(cols - 8 * h) * sizeof(float));
+            }
+        }
+    }
+}
+#endif
+
+/* y [M, N] = int8 linear of x [M, K] float32 against a packed weight (see the top of this file).
+ * static_scale: NULL for per-row scales amax / 127, else the one scale of every row (already non-zero).
+ * Returns 0, 1 when a buffer could not be allocated, 2 when x holds a NaN or inf, 3 without AVX2. */
+int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_scale, const int16_t *packed, int64_t N,
+                   const float *weight_scale, const float *bias, float *y, int threads) {
+#if !defined(__AVX2__)
+    (void)x; (void)M; (void)K; (void)static_scale; (void)packed; (void)N; (void)weight_scale; (void)bias; (void)y;
+    (void)threads;
+    return 3;
+#else
+    const int64_t KP = pairs_of(K), NP = panels_of(N), lda = 2 * KP;
+    int16_t *a = aligned_buffer((size_t)(M * lda * 2));
+    float *row_scale = malloc((size_t)M * sizeof(float));
+    /* scales and bias padded to whole panels, so the micro-kernel loads 16 of each */
+    float *col_scale_pad = calloc((size_t)(NP * QC_NR), sizeof(float));
+    float *bias_pad = bias ? calloc((size_t)(NP * QC_NR), sizeof(float)) : NULL;
+    if (!a || !row_scale || !col_scale_pad || (bias && !bias_pad)) {
+        free(a);
+        free(row_scale);
+        free(col_scale_pad);
+        free(bias_pad);
+        return 1;
+    }
+    memcpy(col_scale_pad, weight_scale, (size_t)N * sizeof(float));
+    if (bias) memcpy(bias_pad, bias, (size_t)N * sizeof(float));
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+    for (int64_t m = 0; m < M; ++m) {
+        float amax;
+        bad |= row_amax(x + m * K, K, &amax);
+        float s = static_scale ? *static_scale : amax / 127.0f;
+        if (s == 0.0f) s = 1.0f;
+        row_scale[m] = s;
+        quantize_row(x + m * K, K, s, a + m * lda, KP);
+    }
+    if (bad) {
+        free(a);
+        free(row_scale);
+        free(col_scale_pad);
+        free(bias_pad);
+        return 2;
+    }
+    /* Tasks: QC_N_TILE weight panels (their slice stays in L2 and is read from memory once) down all rows (the
+     * activation stays in L3), or down a share of them when there are too few panels to keep every thread busy. */
+    const int64_t row_groups = (M + QC_MR - 1) / QC_MR, n_tasks = (NP + QC_N_TILE - 1) / QC_N_TILE;
+    int64_t m_tasks = ((int64_t)threads * QC_TASKS_PER_THREAD + n_tasks - 1) / n_tasks;
+    m_tasks = m_tasks < 1 ? 1 : (m_tasks > row_groups ? row_groups : m_tasks);
+    const int64_t m_tile = (row_groups + m_tasks - 1) / m_tasks;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < m_tasks * n_tasks; ++task) {
+        const int64_t p0 = (task / m_tasks) * QC_N_TILE, g0 = (task % m_tasks) * m_tile;
+        const int64_t g1 = g0 + m_tile < row_groups ? g0 + m_tile : row_groups;
+        const int64_t p1 = p0 + QC_N_TILE < NP ? p0 + QC_N_TILE : NP;
+        for (int64_t g = g0; g < g1; ++g)
+            for (int64_t p = p0; p < p1; ++p) {
+                const int64_t m = g * QC_MR, n = p * QC_NR;
+                const int rows = (int)(M - m < QC_MR ? M - m : QC_MR);
+                const int cols = (int)(N - n < QC_NR ? N - n : QC_NR);
+                micro_kernel(a + m * lda, lda, rows, packed + p * KP * QC_NR * 2, KP, row_scale + m, col_scale_pad + n,
+                             bias ? bias_pad + n : NULL, y + m * N + n, N, cols);
+            }
+    }
+    free(a);
+    free(row_scale);
+    free(col_scale_pad);
+    free(bias_pad);
+    return 0;
+#endif
+}
