@@ -225,37 +225,40 @@ def int8_linear_native(
     input_scale: Tensor | None,
     input_granularity: str,
 ) -> Tensor:
-    """The C kernel of `native` (AVX2): quantize, exact integer GEMM on the packed weight, `acc · s_w · s_x + bias`."""
+    """The C kernel of `native` (AVX2): quantize, exact integer GEMM on the packed weight, `acc · s_w · s_x + bias`.
+
+    Kept lean (a decode step calls it per layer): the kernel checks the input rows and a static scale itself."""
     library = native.load()
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, k).to(torch.float32).contiguous()
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.dtype != torch.float32:
+        x2d = x2d.to(torch.float32)
+    x2d = x2d.contiguous()
     static = None  # the kernel's per-row scales (amax / 127), checking each row for NaN/inf as it goes
     if input_scale is not None:
-        scale = input_scale.to(torch.float32).reshape(())
-        static = torch.where(scale == 0, torch.ones_like(scale), scale)
+        static = input_scale.reshape(()).to(torch.float32)
     elif input_granularity == "tensor":
         scale, amax = _input_scale(x2d, None, "tensor", numerics.INT8_MAX)
         _raise_if_not_finite(amax)
-        static = scale.reshape(()).contiguous()
+        static = scale.reshape(())
     packed = _cached_weight((weight, weight_scale), ("int8",),
                             lambda: native.Int8Weight(library, weight, weight_scale))
-    out = native.int8_linear(library, x2d, packed, bias, static)
-    return out.reshape(*lead, weight.shape[0]).to(x.dtype)
+    out = native.int8_linear(library, x2d, packed, bias, static).view(*x.shape[:-1], packed.out_features)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
-    int_mm = _takes_int_mm(x, weight, input_format, input_granularity)
-    own_kernel = not int_mm and takes_native_int8_gemm(
-        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
-    )
-    if not (int_mm or own_kernel) or x.numel() == 0:
+    if not has_fast_int8_gemm():
+        if x.numel() and takes_native_int8_gemm(
+            x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
+        ):
+            return int8_linear_native(x, weight, weight_scale, bias, input_scale, input_granularity)
+        return ref.int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
+    if not _takes_int_mm(x, weight, input_format, input_granularity) or x.numel() == 0:
         return ref.int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
     if input_scale is not None:
         numerics.check_finite(input_scale, "static int8 input scale")
         if bool((input_scale < 0).any()):
             raise ValueError("static int8 input scale must be non-negative")
-    if own_kernel:
-        return int8_linear_native(x, weight, weight_scale, bias, input_scale, input_granularity)
     return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
 
 
@@ -430,6 +433,7 @@ def nvfp4_linear(x, packed, block_scale, global_scale, in_features, bias, input_
 
 _registered = False
 _LIBRARY: torch.library.Library | None = None
+_CALL_OPS_LIBRARY: torch.library.Library | None = None
 
 
 def register() -> None:
@@ -446,18 +450,66 @@ def register() -> None:
     _LIBRARY = torch.library.Library("qcompile", "IMPL")
     for name, fn in (("int8_linear", int8_linear), ("int4_linear", int4_linear), ("nvfp4_linear", nvfp4_linear)):
         _LIBRARY.impl(name, fn, "CPU")
+    global _CALL_OPS_LIBRARY
+    _CALL_OPS_LIBRARY = torch.library.Library("qcompile", "FRAGMENT")
+    _define_kernel_call_ops(_CALL_OPS_LIBRARY)
     _register_inductor_decomposition()
     _registered = True
+
+
+# Compiled graphs call the CPU kernels through ops of their own, `qcompile::cpu_<op>`: the same schema and
+# function, with no autograd formula. By the time inductor emits a call, autograd has been traced away, but the
+# public ops' Python autograd layer (register_autograd) still ran on every call and redispatched: ~45 us per call,
+# as much as a decode step's GEMV (210 calls per SmolLM2 token). An op without autograd goes straight from the
+# dispatcher to the kernel.
+_KERNEL_CALL_OPS = ("int8_linear", "int4_linear", "nvfp4_linear")
+
+
+def _define_kernel_call_ops(library: torch.library.Library) -> None:
+    functions = {"int8_linear": int8_linear, "int4_linear": int4_linear, "nvfp4_linear": nvfp4_linear}
+    for name in _KERNEL_CALL_OPS:
+        public = getattr(torch.ops.qcompile, name).default
+        schema = str(public._schema).split("::", 1)[1]
+        library.define(f"cpu_{schema}")
+        library.impl(f"cpu_{name}", functions[name], "CPU")
+        # shapes (and errors on bad input) exactly as the public op's fake kernel gives them
+        torch.library.register_fake(f"qcompile::cpu_{name}", lib=library)(
+            lambda *args, _public=public: _public(*args)
+        )
+
+
+def _kernel_call(name: str):
+    """Inductor decomposition of a public op on CPU tensors into its `qcompile::cpu_` twin (see above)."""
+    call = getattr(torch.ops.qcompile, f"cpu_{name}").default
+
+    def decompose(x, *args):
+        if x.device.type != "cpu":
+            return NotImplemented
+        return call(x, *args)
+
+    return decompose
 
 
 def _register_inductor_decomposition() -> None:
     from torch._inductor import decomposition, lowering
 
-    for op, decompose in [(torch.ops.qcompile.int8_linear.default, decompose_int8_linear),
-                          (torch.ops.qcompile.fp8_linear.default, decompose_fp8_linear)]:
+    def int8(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
+        out = decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
+        if out is NotImplemented and x.device.type == "cpu":  # the op whole: its twin without autograd
+            return torch.ops.qcompile.cpu_int8_linear.default(
+                x, weight, weight_scale, bias, input_scale, input_format, input_granularity
+            )
+        return out
+
+    for op, decompose in [(torch.ops.qcompile.int8_linear.default, int8),
+                          (torch.ops.qcompile.fp8_linear.default, decompose_fp8_linear),
+                          (torch.ops.qcompile.int4_linear.default, _kernel_call("int4_linear")),
+                          (torch.ops.qcompile.nvfp4_linear.default, _kernel_call("nvfp4_linear"))]:
         decomposition.register_decomposition(op)(decompose)
         # where the decomposition declines (NotImplemented: another device, another format), inductor calls the op
         lowering.make_fallback(op, override_decomp=True)
+    for name in _KERNEL_CALL_OPS:
+        lowering.make_fallback(getattr(torch.ops.qcompile, f"cpu_{name}").default)
 
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear", "decompose_int8_linear",

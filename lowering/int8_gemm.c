@@ -170,8 +170,9 @@ static inline void multiply_tile(const int16_t *a, int64_t lda, int64_t M, int64
 #endif
 
 /* y [M, N] = int8 linear of x [M, K] float32 against a packed weight (see the top of this file).
- * static_scale: NULL for per-row scales amax / 127, else the one scale of every row (already non-zero).
- * Returns 0, 1 when a buffer could not be allocated, 2 when x holds a NaN or inf, 3 without AVX2. */
+ * static_scale: NULL for per-row scales amax / 127, else the one scale of every row (0 means 1, as in the reference).
+ * Returns 0; 1 when a buffer could not be allocated; 2 when x holds a NaN or inf; 3 without AVX2; 4 when the static
+ * scale is negative, NaN or inf. */
 int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_scale, const int16_t *packed, int64_t N,
                    const float *weight_scale, const float *bias, float *y, int threads) {
 #if !defined(__AVX2__)
@@ -179,6 +180,12 @@ int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_sca
     (void)threads;
     return 3;
 #else
+    float fixed_scale = 0.0f;
+    if (static_scale) {
+        fixed_scale = *static_scale;
+        if (!(fixed_scale >= 0.0f) || isinf(fixed_scale)) return 4;
+        if (fixed_scale == 0.0f) fixed_scale = 1.0f;
+    }
     const int64_t KP = pairs_of(K), NP = panels_of(N), lda = 2 * KP;
     int16_t *a = aligned_buffer((size_t)(M * lda * 2));
     float *row_scale = malloc((size_t)M * sizeof(float));
@@ -200,7 +207,7 @@ int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_sca
     for (int64_t m = 0; m < M; ++m) {
         float amax;
         bad |= row_amax(x + m * K, K, &amax);
-        float s = static_scale ? *static_scale : amax / 127.0f;
+        float s = static_scale ? fixed_scale : amax / 127.0f;
         if (s == 0.0f) s = 1.0f;
         row_scale[m] = s;
         quantize_row(x + m * K, K, s, a + m * lda, KP);

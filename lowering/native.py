@@ -96,6 +96,7 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.qc_int8_pack_weight.restype = None
     library.qc_int8_linear.argtypes = [p, i64, i64, p, p, i64, p, p, p, c_int]
     library.qc_int8_linear.restype = c_int
+    library.has_int8_gemm = bool(library.qc_int8_available())
     return library
 
 
@@ -204,7 +205,8 @@ class Int8Weight:
 def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Tensor | None,
                 static_scale: Tensor | None) -> Tensor:
     """x2d [M, K] float32 contiguous -> [M, N] float32: quantized per row (amax / 127), or with `static_scale` (a
-    float32 scalar, non-zero), multiplied exactly in integers, scaled as `acc · s_w · s_x + bias`."""
+    float32 scalar; finite and non-negative, else ValueError; 0 means 1), multiplied exactly in integers, scaled as
+    `acc · s_w · s_x + bias`."""
     m = x2d.shape[0]
     y = torch.empty((m, weight.out_features), dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
@@ -215,6 +217,8 @@ def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Ten
     )
     if status == 2:
         raise ValueError("input to a quantized linear layer contains NaN or inf")
+    if status == 4:
+        raise ValueError("static int8 input scale must be finite and non-negative")
     if status == 1:
         raise MemoryError("qc_int8_linear could not allocate its buffers")
     if status != 0:
@@ -225,7 +229,7 @@ def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Ten
 def has_int8_gemm() -> bool:
     """Whether the INT8 kernel of `int8_gemm.c` is built and usable on this CPU (x86 with AVX2)."""
     library = load()
-    return library is not None and bool(library.qc_int8_available())
+    return library is not None and library.has_int8_gemm
 
 
 __all__ = ["Int8Weight", "Lut4Weight", "cache_dir", "dequantize", "has_int8_gemm", "int8_linear", "linear", "load"]

@@ -431,7 +431,8 @@ def test_compiled_layers_the_decompositions_decline_run_the_op():
     with torch._inductor.config.patch(fx_graph_cache=False):
         (got, got_blocks), code = _compiled_code(torch.compile(layers), x)
     want, want_blocks = layers(x)
-    assert "torch.ops.qcompile.int8_linear.default(" in code and "torch.ops.qcompile.fp8_linear.default(" in code
+    # the INT8 kernel through its twin without autograd (qcompile::cpu_int8_linear), FP8 through the op itself
+    assert "torch.ops.qcompile.cpu_int8_linear.default(" in code and "torch.ops.qcompile.fp8_linear.default(" in code
     assert _rel(got, want) <= REL_TOL and _rel(got_blocks, want_blocks) <= REL_TOL
 
 
@@ -631,6 +632,23 @@ def test_compiled_weight_only_model_runs_the_kernel(recipe, native_calls):
     assert _rel(got, want) <= 1e-4  # the second layer's input went through GELU compiled two ways
 
 
+@needs_native
+@pytest.mark.parametrize("recipe,op", [("int4_awq", "int4_linear"), ("nvfp4_weight_only", "nvfp4_linear")])
+def test_compiled_graphs_call_the_kernel_twin_without_autograd(recipe, op):
+    """Inductor calls `qcompile::cpu_<op>` (same schema and kernel, no autograd layer), and the twin computes what
+    the public op computes."""
+    qm = qc.quantize(_mlp(), recipe, calib=_calib(), progress=False)
+    x = torch.randn(1, 1, 64)
+    out, code = _compiled_code(torch.compile(qm), x)
+    assert f"torch.ops.qcompile.cpu_{op}.default(" in code and f"torch.ops.qcompile.{op}.default(" not in code
+    with torch.no_grad():
+        assert _rel(out, qm(x)) <= 1e-4
+    public, twin = getattr(torch.ops.qcompile, op).default, getattr(torch.ops.qcompile, f"cpu_{op}").default
+    assert str(twin._schema).replace(f"cpu_{op}", op) == str(public._schema)
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(twin.name(), "Autograd")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(public.name(), "Autograd")
+
+
 class _reference_kernels:
     """Runs the ops on the plain-PyTorch reference while active."""
 
@@ -734,6 +752,26 @@ def test_avx2_int8_kernel_rejects_non_finite_input(bad, static, column, avx2_int
 
 
 @needs_native_int8
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")], ids=["negative", "nan", "inf"])
+def test_avx2_int8_kernel_rejects_a_bad_static_scale(bad, avx2_int8_calls):
+    weight, weight_scale = _weight(8, 16, "channel", 3)
+    with pytest.raises(ValueError, match="static int8 input scale"):
+        torch.ops.qcompile.int8_linear(torch.randn(3, 16), weight, weight_scale, None, torch.tensor(bad), "int8",
+                                       "tensor")
+
+
+@needs_native_int8
+def test_avx2_int8_kernel_static_scale_of_zero_means_one(avx2_int8_calls):
+    """As in the reference, a calibrated scale of 0 (an input that was all zeros) is replaced by 1."""
+    x = torch.tensor([[0.4, -2.6, 300.0, 0.0]])
+    weight, weight_scale = _weight(5, 4, "channel", 8)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, torch.tensor(0.0), "int8", "tensor")
+    codes = torch.tensor([[0.0, -3.0, 127.0, 0.0]])  # hand-rounded (half to even), clamped at 127
+    want = (codes.double() @ weight.double().T).float() * weight_scale.reshape(1, -1)
+    assert torch.equal(got, want)
+
+
+@needs_native_int8
 def test_avx2_int8_kernel_bfloat16_input_keeps_dtype(avx2_int8_calls):
     x = torch.randn(4, 32).bfloat16()
     weight, weight_scale = _weight(16, 32, "channel", 2)
@@ -780,14 +818,14 @@ def test_avx2_int8_kernel_runs_eager_compiled_and_in_the_backend(recipe, avx2_in
         for fn in (torch.compile(qm), _traced_with_freezing(torch.compile(qm))):
             avx2_int8_calls.clear()
             compiled, code = _compiled_code(fn, x)
-            assert "torch.ops.qcompile.int8_linear.default(" in code and len(avx2_int8_calls) == 2
+            assert "torch.ops.qcompile.cpu_int8_linear.default(" in code and len(avx2_int8_calls) == 2
             assert _rel(compiled, eager) <= 1e-4  # GELU compiled vs eager between the layers
         backend, eager_backend = _backend_and_eager(model, recipe, torch.float32)
         torch._dynamo.reset()
         avx2_int8_calls.clear()
         with torch.no_grad():
             out, code = run_and_get_code(backend, x)
-    assert "torch.ops.qcompile.int8_linear.default(" in "\n".join(code) and len(avx2_int8_calls) == 2
+    assert "torch.ops.qcompile.cpu_int8_linear.default(" in "\n".join(code) and len(avx2_int8_calls) == 2
     assert not int_mm_calls
     with torch.no_grad():
         assert _rel(out, eager_backend(x)) <= 1e-4
