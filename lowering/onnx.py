@@ -395,18 +395,21 @@ class _Translation:
             # amax = max(max(x), -min(x)): two reads of x and no |x| temporary
             if granularity == "token":
                 axes = self.const_ints([-1])
-                amax = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
+                largest, smallest = op.ReduceMax(x, axes, keepdims=1), op.ReduceMin(x, axes, keepdims=1)
             elif granularity == "tensor":
-                amax = op.Max(op.ReduceMax(x, keepdims=0), op.Neg(op.ReduceMin(x, keepdims=0)))
+                largest, smallest = op.ReduceMax(x, keepdims=0), op.ReduceMin(x, keepdims=0)
             else:
                 raise UntranslatableOpError(f"dynamic {fmt} activations per {granularity!r} have no ONNX pattern")
-            s = op.Div(amax, self.const(qmax))
             if fmt == "int8":
-                # The reference replaces a zero scale by 1. A floor at the smallest normal float does the same for
-                # all-zero rows (codes 0) in one node where Where needs two, stays positive where denormals are
-                # flushed, and moves only rows whose |x| < 127 · 2^-126 (outputs below about 1e-36)
-                s = op.Max(s, self.const(_SMALLEST_NORMAL))
+                # The reference replaces a zero scale by 1. A floor under amax of 127 · 2^-126 (exact in float32,
+                # and divided by 127 exactly 2^-126, the smallest normal float) does the same for all-zero rows
+                # (codes 0) inside the Max that forms amax, where Where needs two more nodes; the scale stays
+                # positive where denormals are flushed, and only rows whose |x| < 127 · 2^-126 move (outputs below
+                # about 1e-36)
+                amax = op.Max(largest, op.Neg(smallest), self.const(qmax * _SMALLEST_NORMAL))
+                s = op.Div(amax, self.const(qmax))
             else:
+                s = op.Div(op.Max(largest, op.Neg(smallest)), self.const(qmax))
                 s = op.Where(op.Equal(s, self.const(0.0)), self.const(1.0), s)
             one = self.const(1.0)
             if granularity == "token" and fmt == "int8" and x.shape is not None and isinstance(x.shape[-1], int):
