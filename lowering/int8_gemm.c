@@ -29,9 +29,9 @@
 #include <immintrin.h>
 #endif
 
-#define QC_NR 16       /* output columns per weight panel */
-#define QC_MR 6        /* activation rows per micro-kernel call */
-#define QC_N_TILE 2             /* panels per task with few rows (32 output columns) */
+#define QC_NR 16                 /* output columns per weight panel */
+#define QC_MR 6                  /* activation rows per micro-kernel call */
+#define QC_N_TILE 2              /* panels per task with few rows (32 output columns) */
 #define QC_TASKS_PER_THREAD 4    /* row groups per thread from which rows, not columns, are shared out */
 #ifndef QC_A_BLOCK_BYTES
 #define QC_A_BLOCK_BYTES 196608  /* activation codes per row block: 192 KB, in L2 beside a weight panel */
