@@ -448,7 +448,7 @@ def register() -> None:
     # The functions return new tensors, which is all that check verifies.
     global _LIBRARY
     _LIBRARY = torch.library.Library("qcompile", "IMPL")
-    for name, fn in (("int8_linear", int8_linear), ("int4_linear", int4_linear), ("nvfp4_linear", nvfp4_linear)):
+    for name, fn in _cpu_kernels().items():
         _LIBRARY.impl(name, fn, "CPU")
     global _CALL_OPS_LIBRARY
     _CALL_OPS_LIBRARY = torch.library.Library("qcompile", "FRAGMENT")
@@ -462,16 +462,17 @@ def register() -> None:
 # public ops' Python autograd layer (register_autograd) still ran on every call and redispatched: ~45 us per call,
 # as much as a decode step's GEMV (210 calls per SmolLM2 token). An op without autograd goes straight from the
 # dispatcher to the kernel.
-_KERNEL_CALL_OPS = ("int8_linear", "int4_linear", "nvfp4_linear")
+def _cpu_kernels() -> dict:
+    """The ops that have CPU kernels here, by name."""
+    return {"int8_linear": int8_linear, "int4_linear": int4_linear, "nvfp4_linear": nvfp4_linear}
 
 
 def _define_kernel_call_ops(library: torch.library.Library) -> None:
-    functions = {"int8_linear": int8_linear, "int4_linear": int4_linear, "nvfp4_linear": nvfp4_linear}
-    for name in _KERNEL_CALL_OPS:
+    for name, fn in _cpu_kernels().items():
         public = getattr(torch.ops.qcompile, name).default
         schema = str(public._schema).split("::", 1)[1]
         library.define(f"cpu_{schema}")
-        library.impl(f"cpu_{name}", functions[name], "CPU")
+        library.impl(f"cpu_{name}", fn, "CPU")
         # shapes (and errors on bad input) exactly as the public op's fake kernel gives them
         torch.library.register_fake(f"qcompile::cpu_{name}", lib=library)(
             lambda *args, _public=public: _public(*args)
@@ -508,7 +509,7 @@ def _register_inductor_decomposition() -> None:
         decomposition.register_decomposition(op)(decompose)
         # where the decomposition declines (NotImplemented: another device, another format), inductor calls the op
         lowering.make_fallback(op, override_decomp=True)
-    for name in _KERNEL_CALL_OPS:
+    for name in _cpu_kernels():
         lowering.make_fallback(getattr(torch.ops.qcompile, f"cpu_{name}").default)
 
 
