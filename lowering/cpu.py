@@ -237,9 +237,7 @@ def int8_linear_native(
     if input_scale is not None:
         static = input_scale.reshape(()).to(torch.float32)
     elif input_granularity == "tensor":
-        scale, amax = _input_scale(x2d, None, "tensor", numerics.INT8_MAX)
-        _raise_if_not_finite(amax)
-        static = scale.reshape(())
+        static = _input_scale(x2d, None, "tensor", numerics.INT8_MAX)[0].reshape(())  # NaN/inf: the kernel raises
     packed = _cached_weight((weight, weight_scale), ("int8",),
                             lambda: native.Int8Weight(library, weight, weight_scale))
     out = native.int8_linear(library, x2d, packed, bias, static).view(*x.shape[:-1], packed.out_features)
@@ -284,18 +282,21 @@ def int8_linear_dequantized(
 def decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
     """Inductor decomposition: the integer path as aten ops, so quantize and scale fuse with their neighbours.
 
-    Where the integer GEMM is not fast and exact (see `has_fast_int8_gemm`), the op is left whole when the CPU runs
-    `native`'s INT8 kernel (it quantizes, multiplies and scales in one call), and otherwise becomes the reference's
-    arithmetic as aten ops: the quantization still fuses, and under freezing the weight is dequantized once.
+    Where the integer GEMM is not fast and exact (see `has_fast_int8_gemm`), the op is called whole when the CPU
+    runs `native`'s INT8 kernel (it quantizes, multiplies and scales in one call), and otherwise becomes the
+    reference's arithmetic as aten ops: the quantization still fuses, and under freezing the weight is dequantized
+    once. Layers without INT8 inputs (weight-only) are called whole too.
     """
-    if x.device.type != "cpu" or not _has_int8_operands(x.dtype, weight, input_format, input_granularity):
-        return NotImplemented
-    if not _takes_int_mm(x, weight, input_format, input_granularity) and takes_native_int8_gemm(
-        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
-    ):
+    if x.device.type != "cpu":
         return NotImplemented
     if _takes_int_mm(x, weight, input_format, input_granularity):
         return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
+    if not _has_int8_operands(x.dtype, weight, input_format, input_granularity) or takes_native_int8_gemm(
+        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
+    ):  # the op whole, through its twin without autograd (see _define_kernel_call_ops)
+        return torch.ops.qcompile.cpu_int8_linear.default(
+            x, weight, weight_scale, bias, input_scale, input_format, input_granularity
+        )
     return int8_linear_dequantized(x, weight, weight_scale, bias, input_scale, input_granularity)
 
 
@@ -494,15 +495,7 @@ def _kernel_call(name: str):
 def _register_inductor_decomposition() -> None:
     from torch._inductor import decomposition, lowering
 
-    def int8(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
-        out = decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
-        if out is NotImplemented and x.device.type == "cpu":  # the op whole: its twin without autograd
-            return torch.ops.qcompile.cpu_int8_linear.default(
-                x, weight, weight_scale, bias, input_scale, input_format, input_granularity
-            )
-        return out
-
-    for op, decompose in [(torch.ops.qcompile.int8_linear.default, int8),
+    for op, decompose in [(torch.ops.qcompile.int8_linear.default, decompose_int8_linear),
                           (torch.ops.qcompile.fp8_linear.default, decompose_fp8_linear),
                           (torch.ops.qcompile.int4_linear.default, _kernel_call("int4_linear")),
                           (torch.ops.qcompile.nvfp4_linear.default, _kernel_call("nvfp4_linear"))]:
