@@ -165,3 +165,9 @@ _triton_lowering.register()
 from qcompile.lowering import cpu as _cpu_lowering  # noqa: E402
 
 _cpu_lowering.register()
+
+# What a graph of these ops compiles to is decided by qcompile's code, which torch.compile's on-disk caches do not
+# see: qcompile's fingerprint goes into their keys (see qcompile.lowering.compile_cache).
+from qcompile.lowering import compile_cache as _compile_cache  # noqa: E402
+
+_compile_cache.tag()
