@@ -192,7 +192,7 @@ static inline void micro_kernel(const int16_t *a, int64_t lda, int rows, const i
                                 int64_t ldy, int cols) {
     __m256i c[QC_MR][2];
 #if defined(QC_ASM_TILE)
-    if (rows == QC_MR) {
+    if (rows == QC_MR && KP > 0) {
         int32_t sums[QC_MR][16] __attribute__((aligned(32)));
         full_tile_sums(a, lda, b, KP, sums);
         for (int r = 0; r < QC_MR; ++r) {
