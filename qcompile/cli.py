@@ -1,6 +1,7 @@
 """The `qcompile` command line.
 
     qcompile export-onnx CHECKPOINT_DIR model.onnx [--opset 21] [--external-data auto|always|never]
+                         [--int8-weights int8|uint8]
 
 `CHECKPOINT_DIR` is a folder written by `QuantizedModel.save` (or `qcompile.quantize(...).save(...)`); the model is
 exported with its own example call as in `qcompile.export_onnx`.
@@ -30,6 +31,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="ONNX opset (default: %(default)s; NVFP4 models are written at 23)")
     export.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="write tensors to OUTPUT.data: auto (only past the 2 GB protobuf limit), always, never")
+    export.add_argument("--int8-weights", choices=("int8", "uint8"), default="int8",
+                        help="INT8 weight storage: int8 (default; ONNX Runtime's u8 x s8 kernels: fast with "
+                             "VNNI/AMX, saturating sums on other x86 CPUs unless the session sets "
+                             "session.x64quantprecision) or uint8 at zero point 128 (its u8 x u8 kernels: exact on "
+                             "every x86 CPU with any session options)")
     export.add_argument("--no-optimize", action="store_true", help="skip constant folding and cleanup of the graph")
     export.add_argument("--no-check", action="store_true", help="skip onnx.checker.check_model(full_check=True)")
     export.set_defaults(run=_export_onnx)
@@ -54,7 +60,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
     print(f"exporting {len(qm.layers)} quantized layers (recipe {qm.recipe.name}) to {args.output}", flush=True)
     try:
         path = qcompile.export_onnx(qm, args.output, opset=args.opset, external_data=external,
-                                    optimize=not args.no_optimize, check=not args.no_check)
+                                    optimize=not args.no_optimize, check=not args.no_check,
+                                    int8_weights=args.int8_weights)
     except (OnnxExportError, ValueError, ImportError) as error:
         print(f"qcompile: {error}", file=sys.stderr)
         return 1

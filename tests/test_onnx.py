@@ -273,6 +273,63 @@ def test_sessions_take_exact_int8_kernels_on_every_x86(two_linears, tmp_path):
         assert rel(got, want) <= OP_TOL
 
 
+class _WideLinear(nn.Module):
+    """One 384-input layer with weights spread over the whole INT8 range: with per-token codes of ordinary inputs,
+    adjacent products of u8 activation codes (zero point 128) and s8 weight codes often sum past int16."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = nn.Linear(384, 192)
+        nn.init.uniform_(self.proj.weight, -1.0, 1.0)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _plain_session(path: Path, tmp_path: Path):
+    """ONNX Runtime with its default options (no `session.x64quantprecision`), as a deployment might open it."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.plain.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    return session, fused
+
+
+def test_uint8_weights_are_exact_in_any_session(tmp_path):
+    from qcompile.lowering import cpu as cpu_lowering
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 32, 384, generator=g)
+    qm = qc.quantize(_WideLinear().eval(), "int8_dynamic", calib=[x[:1]], progress=False)
+    want = outputs_of(qm(x))[0]
+    with pytest.raises(ValueError, match="int8_weights"):
+        qc.export_onnx(qm, tmp_path / "bad.onnx", int8_weights="int4")
+
+    path = qc.export_onnx(qm, tmp_path / "u8.onnx", int8_weights="uint8")
+    weights = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [384, 192]]
+    assert [t.data_type for t in weights] == [onnx.TensorProto.UINT8]
+    stored = onnx.numpy_helper.to_array(weights[0]).astype(np.int16) - 128  # back to the INT8 codes
+    codes = qm.graph_module.get_submodule("").state_dict()
+    int8_codes = [v for v in codes.values() if v.dtype == torch.int8 and tuple(v.shape) == (192, 384)]
+    assert len(int8_codes) == 1 and np.array_equal(stored.T, int8_codes[0].numpy())
+    session, fused = _plain_session(path, tmp_path)
+    assert "MatMulIntegerToFloat" in fused
+    assert rel(session.run(None, {"x": x.numpy()})[0], want) <= OP_TOL
+
+    # the default layout: exact through onnxruntime_session, and (the reason for the option) saturating in a plain
+    # session on x86 CPUs without an INT8 dot product
+    path = qc.export_onnx(qm, tmp_path / "s8.onnx")
+    assert [t.data_type for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [384, 192]] == [
+        onnx.TensorProto.INT8]
+    assert rel(qonnx.onnxruntime_session(path, threads=2).run(None, {"x": x.numpy()})[0], want) <= OP_TOL
+    session, fused = _plain_session(path, tmp_path)
+    assert "MatMulIntegerToFloat" in fused
+    if not cpu_lowering.has_fast_int8_gemm() and os.uname().machine == "x86_64":
+        assert rel(session.run(None, {"x": x.numpy()})[0], want) > 1e-3
+
+
 # ---------------------------------------------------------------------------------- tiny Llama, tiny BERT
 
 
@@ -463,6 +520,9 @@ def test_cli_exports_saved_model(small_qm, tmp_path, capsys):
     got = qonnx.onnxruntime_session(tmp_path / "cli.onnx").run(None, {"x": x.numpy(), "z": z.numpy()})
     assert all(rel(g, w) <= OP_TOL for g, w in zip(got, outputs_of(small_qm(x, z))))
     assert main(["export-onnx", str(tmp_path / "missing"), str(tmp_path / "x.onnx")]) == 2
+    assert main(["export-onnx", str(tmp_path / "ckpt"), str(tmp_path / "u8.onnx"), "--int8-weights", "uint8"]) == 0
+    kinds = {t.data_type for t in onnx.load(str(tmp_path / "u8.onnx")).graph.initializer if len(t.dims) == 2}
+    assert onnx.TensorProto.UINT8 in kinds and onnx.TensorProto.INT8 not in kinds
 
 
 # ------------------------------------------------------------------------------------------------ MiniLM
