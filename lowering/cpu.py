@@ -468,6 +468,14 @@ def _cpu_kernels() -> dict:
     return {"int8_linear": int8_linear, "int4_linear": int4_linear, "nvfp4_linear": nvfp4_linear}
 
 
+def kernel_call_ops() -> dict:
+    """{public op: its autograd-free twin} for the ops with CPU kernels here (empty before `register()`)."""
+    if not _registered:
+        return {}
+    return {getattr(torch.ops.qcompile, name).default: getattr(torch.ops.qcompile, f"cpu_{name}").default
+            for name in _cpu_kernels()}
+
+
 def _define_kernel_call_ops(library: torch.library.Library) -> None:
     for name, fn in _cpu_kernels().items():
         public = getattr(torch.ops.qcompile, name).default
@@ -508,5 +516,5 @@ def _register_inductor_decomposition() -> None:
 
 __all__ = ["MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear", "decompose_int8_linear",
            "has_fast_int8_gemm", "int4_linear", "int4_weight", "int8_codes", "int8_linear", "int8_linear_dequantized",
-           "int8_linear_int_mm", "int8_linear_native", "nvfp4_linear", "nvfp4_weight", "register", "takes_integer_gemm",
-           "takes_native_int8_gemm"]
+           "int8_linear_int_mm", "int8_linear_native", "kernel_call_ops", "nvfp4_linear", "nvfp4_weight", "register",
+           "takes_integer_gemm", "takes_native_int8_gemm"]

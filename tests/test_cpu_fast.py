@@ -649,6 +649,36 @@ def test_compiled_graphs_call_the_kernel_twin_without_autograd(recipe, op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(public.name(), "Autograd")
 
 
+def _ops_called(fn, *args) -> set:
+    """Names of the `qcompile::` linear ops that one call of `fn` dispatches (from the profiler's events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*args)
+    return {event.name for event in prof.events() if event.name.startswith("qcompile::") and "linear" in event.name}
+
+
+@pytest.mark.parametrize("recipe,op", [("int8_dynamic", "int8_linear"), ("int4_awq", "int4_linear"),
+                                       ("nvfp4_weight_only", "nvfp4_linear")])
+def test_eager_calls_without_autograd_take_the_twins(recipe, op):
+    """Eager calls under no_grad / inference_mode run the twins (no autograd layer), the same values bit for bit;
+    with autograd on, the public ops (gradients flow); off the CPU, no twin graph at all."""
+    qm = qc.quantize(_mlp(), recipe, calib=_calib(), progress=False)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert _ops_called(qm, x) == {f"qcompile::cpu_{op}"}
+        fast = qm(x)
+    with torch.inference_mode():
+        assert _ops_called(qm, x) == {f"qcompile::cpu_{op}"}
+    assert _ops_called(qm, x) == {f"qcompile::{op}"}  # grad mode on: the public op, which has autograd
+    slow = qm(x)
+    assert torch.equal(fast, slow.detach())
+    x.requires_grad_(True)
+    qm(x).sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+    qm.to(torch.device("meta"))  # tensors off the CPU: the twins (CPU kernels only) must not be used
+    assert qm._inference_graph_module is None
+
+
 class _reference_kernels:
     """Runs the ops on the plain-PyTorch reference while active."""
 
