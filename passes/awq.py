@@ -9,7 +9,8 @@ grid the quantizer uses. x' = x / s and W' = W * s leave x W^T unchanged, while 
 activations get finer steps. alpha runs over a grid in [0, 1] (and "no scaling" competes too); each candidate's
 weights are fake-quantized with the recipe's own weight format (and its input format, for W4A8) and the candidate
 with the lowest output error ||x' Q(W')^T - x W^T||^2 wins. The division by s folds into the producer of x exactly
-as SmoothQuant's does (`smoothquant.migrate_scale`: norm weight, previous linear's rows, or an explicit mul).
+as SmoothQuant's does (`smoothquant.migrate_scale`: norm weight, previous linear's rows, the value projection's
+rows through attention without grouped heads, or an explicit mul).
 
 Clipping search, once every scale is in place: for each quantization group (output row x group of input
 channels) the group's range is shrunk to r * max over a grid of ratios r, and the ratio with the lowest error of

@@ -5,9 +5,10 @@ For the linears that read one tensor x (q/k/v, gate/up), per input channel j:
     s_j = amax(x_j)^alpha / amax(W[:, j])^(1 - alpha)        x' = x / s,   W' = W * s
 
 so x' W'^T = x W^T while x' has flatter channels. The division by s is folded into the producer of x, found in
-the graph: a LayerNorm's weight and bias, an elementwise multiply by a constant vector (the RMSNorm weight), or
-the output rows of a preceding linear, whichever feeds only the smoothed linears. Where none applies, an explicit
-`mul` stays in the graph.
+the graph: a LayerNorm's weight and bias, an elementwise multiply by a constant vector (the RMSNorm weight), the
+output rows of a preceding linear, or, for the linear after attention (o_proj), the rows of the value projection
+when heads are not grouped, whichever feeds only the smoothed linears. Where none applies, an explicit `mul` stays
+in the graph.
 """
 
 from __future__ import annotations
@@ -165,16 +166,82 @@ def _divide_producer(gm, group, scale, by_node, placeholder_values, prefix) -> N
 
 
 def _producing_linear(producer: fx.Node, by_node) -> LinearSite | None:
-    """The linear whose output rows can absorb the scale: x itself, or one factor of x = a * linear(...)
-    (the up projection of a gated MLP), provided that linear feeds nothing else."""
+    """The linear whose output rows can absorb the scale: x itself, one factor of x = a * linear(...) (the up
+    projection of a gated MLP), or the value projection behind an attention output (see `_value_projection`),
+    provided that linear feeds nothing else."""
     if producer in by_node:
         return by_node[producer]
+    value = _value_projection(producer, by_node)
+    if value is not None:
+        return value
     if producer.op == "call_function" and producer.target in _MUL and len(producer.args) == 2:
         for factor in producer.args:
             other = producer.args[1] if factor is producer.args[0] else producer.args[0]
             if factor in by_node and set(factor.users) == {producer} and isinstance(other, fx.Node) and other is not factor:
                 return by_node[factor]
     return None
+
+
+_SDPA = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+_TRANSPOSE = {aten.transpose.int, torch.transpose}
+_RESHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
+            aten.clone.default}
+
+
+def _value_projection(attention_output: fx.Node, by_node) -> LinearSite | None:
+    """The value projection v_proj when x = merge_heads(attention(q, k, split_heads(v_proj(h)))), else None.
+
+    Attention mixes the rows of V with weights that do not depend on V, per channel: scaling channel c of V scales
+    channel c of every head's output. Splitting and merging heads keep channel c = head * D + d on both sides when
+    the chain only reshapes the last axis into (heads, D) and back and swaps the head and sequence axes; with
+    grouped heads (GQA) a value channel feeds several output channels, which need not share a scale, so then
+    (and for anything else in the chain) there is no fold. Every node on the way must feed only the next.
+    """
+
+    def shape(node):
+        value = node.meta.get("val")
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def layout_chain(node, stop):
+        """Walk up from `node` over single-use reshapes / (1, 2) transposes until `stop(node)`; the nodes passed."""
+        passed = []
+        while not stop(node):
+            if node.op != "call_function" or len(node.users) != 1:
+                return None
+            if node.target in _TRANSPOSE:
+                if {d % 4 for d in node.args[1:3]} != {1, 2}:
+                    return None
+            elif node.target not in _RESHAPE:
+                return None
+            passed.append(node)
+            node = node.args[0]
+        return node, passed
+
+    up = layout_chain(attention_output, lambda n: n.op == "call_function" and n.target in _SDPA)
+    if up is None:
+        return None
+    attention, merge = up
+    if len(attention.users) != 1 or attention.kwargs.get("enable_gqa") or attention.kwargs.get("dropout_p"):
+        return None
+    query, value = attention.args[0], attention.args[2]
+    down = layout_chain(value, lambda n: n in by_node)
+    if down is None:
+        return None
+    projection, split = down
+    if len(projection.users) != 1:
+        return None
+    q_shape, v_shape, out_shape, proj_shape = shape(query), shape(value), shape(attention_output), shape(projection)
+    if None in (q_shape, v_shape, out_shape, proj_shape) or len(v_shape) != 4 or q_shape[1] != v_shape[1]:
+        return None
+    heads, head_dim = v_shape[1], v_shape[3]
+    # every 4-D tensor on the way is [batch, heads or sequence, sequence or heads, D]; the ends are [..., heads * D]
+    for node in (*split, *merge):
+        s = shape(node)
+        if s is None or (len(s) == 4 and s[3] != head_dim) or (len(s) != 4 and s[-1] != heads * head_dim):
+            return None
+    if out_shape[-1] != heads * head_dim or proj_shape[-1] != heads * head_dim:
+        return None
+    return by_node[projection]
 
 
 def _first_in_graph(gm, nodes):

@@ -136,8 +136,20 @@ def test_smoothquant_cuts_int8_error_on_outlier_channels():
 
 # ------------------------------------------------------------------------------------------ fold equivalence
 
+def tiny_llama_mha(seed: int = 0):
+    """tiny_llama with as many key/value heads as query heads (no grouping)."""
+    model = tiny_llama(seed)
+    config = dataclasses.replace(model.config) if dataclasses.is_dataclass(model.config) else model.config
+    config.num_key_value_heads = config.num_attention_heads
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
 FOLD_MODELS = {
     "llama": (tiny_llama, lambda seed: token_batch(2, 8, seed)),
+    "llama_mha": (tiny_llama_mha, lambda seed: token_batch(2, 8, seed)),
     "bert": (tiny_bert, lambda seed: bert_batch(2, 8, seed)),
     "norm_linears": (NormLinears, norm_batch),
 }
@@ -178,7 +190,7 @@ def test_scaled_float_graph_equals_the_original(fold_cases, model_name, algorith
     assert rel(_output(gm, x), y) < 1e-5
 
 
-@pytest.mark.parametrize("model_name", ["llama", "norm_linears"])
+@pytest.mark.parametrize("model_name", ["llama", "llama_mha", "bert", "norm_linears"])
 def test_scales_fold_into_norms_linears_or_an_explicit_mul(fold_cases, model_name):
     """Every group scaled (random scales): the fold point found in the graph for each, and the function kept."""
     model, y, gm, sites, _, x = _fold_case(fold_cases, model_name)
@@ -192,13 +204,22 @@ def test_scales_fold_into_norms_linears_or_an_explicit_mul(fold_cases, model_nam
     names = {tuple(site.name.rsplit(".", 1)[-1] for site in group) for group in groups}
     explicit = _buffers(gm, "inverse_scale")
     norms = _buffers(gm, "_norm_weight")
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", 0)
     if model_name == "llama":
         assert ("q_proj", "k_proj", "v_proj") in names and ("gate_proj", "up_proj") in names
-        layers = model.config.num_hidden_layers
         # q/k/v and gate/up fold into the RMSNorm weights; down_proj into up_proj's rows (through the gated
-        # multiply); only o_proj, behind attention, keeps an explicit multiply.
+        # multiply); only o_proj keeps an explicit multiply: its heads share value heads (GQA), so one value
+        # channel feeds several o_proj channels whose scales differ.
         assert len(norms) == 2 * layers and len(explicit) == layers
         assert all("_qc_test_" in name for name in explicit)
+    elif model_name == "llama_mha":
+        # without grouping, o_proj's scale folds through attention into v_proj's rows (no bias in Llama)
+        assert len(norms) == 2 * layers and not explicit
+    elif model_name == "bert":
+        # the attention output dense folds into the value projection's rows and bias; q/k/v and the intermediate
+        # dense read LayerNorm outputs that also feed the residual, the output dense a GELU, the pooler a slice of
+        # the model's output: explicit multiplies
+        assert len(_buffers(gm, "previous_bias")) == layers and len(explicit) == 3 * layers + 1 and not norms
     else:
         # q/k fold into LayerNorm's weight and bias; fc1 into q's rows and bias (q's output reaches fc1 only
         # through the gating multiply); fc2 into fc1's rows and bias. Nothing is left for an explicit multiply.
