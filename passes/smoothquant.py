@@ -221,7 +221,7 @@ def _value_projection(attention_output: fx.Node, by_node) -> LinearSite | None:
     if up is None:
         return None
     attention, merge = up
-    if len(attention.users) != 1 or attention.kwargs.get("enable_gqa") or attention.kwargs.get("dropout_p"):
+    if len(attention.users) != 1 or _arg(attention, 4, "dropout_p") or _arg(attention, 7, "enable_gqa"):
         return None
     query, value = attention.args[0], attention.args[2]
     down = layout_chain(value, lambda n: n in by_node)

@@ -61,6 +61,14 @@ class QuantizedModel(nn.Module):
         self._build_frozen_graph()
         self._build_inference_graph()
 
+    def _graph_copy(self) -> fx.GraphModule:
+        """A copy of `graph_module`'s graph over the same tensors, for a variant kept off the module tree (not a
+        submodule: not in the state dict, not counted twice)."""
+        graph = fx.Graph()
+        graph._codegen = self.graph_module.graph._codegen  # the calling convention (pytree specs), shared
+        graph.output(graph.graph_copy(self.graph_module.graph, {}))
+        return fx.GraphModule(self.graph_module, graph)
+
     def _build_inference_graph(self) -> None:
         """The graph that eager calls without autograd run when every tensor is on the CPU: the quantized linears
         call the ops' autograd-free twins (`qcompile::cpu_int8_linear`, ...; see `qcompile.lowering.cpu`), which
@@ -69,30 +77,21 @@ class QuantizedModel(nn.Module):
 
         variant = None
         tensors = [*self.graph_module.parameters(), *self.graph_module.buffers()]
-        twins = cpu.kernel_call_ops()
         if all(t.device.type == "cpu" for t in tensors):
-            graph = fx.Graph()
-            graph._codegen = self.graph_module.graph._codegen
-            graph.output(graph.graph_copy(self.graph_module.graph, {}))
-            retargeted = 0
-            for node in graph.nodes:
-                if node.op == "call_function" and node.target in twins:
-                    node.target = twins[node.target]
-                    retargeted += 1
-            if retargeted:
-                variant = fx.GraphModule(self.graph_module, graph)
+            variant, twins = self._graph_copy(), cpu.kernel_call_ops()
+            calls = [node for node in variant.graph.nodes if node.op == "call_function" and node.target in twins]
+            for node in calls:
+                node.target = twins[node.target]
+            variant.recompile()
+            variant = variant if calls else None
         object.__setattr__(self, "_inference_graph_module", variant)
 
     def _build_frozen_graph(self) -> None:
         """The graph that `torch.compile(qm)` traces when inductor freezes: INT8 layers on the CPU in the pattern
-        inductor prepacks for oneDNN (`qcompile.lowering.onednn`). It shares the tensors of `graph_module` and is
-        kept off the module tree (not a submodule: not in the state dict, not counted twice)."""
+        inductor prepacks for oneDNN (`qcompile.lowering.onednn`)."""
         from qcompile.lowering import onednn
 
-        graph = fx.Graph()
-        graph._codegen = self.graph_module.graph._codegen  # the calling convention (pytree specs), shared
-        graph.output(graph.graph_copy(self.graph_module.graph, {}))
-        variant = fx.GraphModule(self.graph_module, graph)
+        variant = self._graph_copy()
         object.__setattr__(self, "_frozen_graph_module", variant if onednn.rewrite_int8_linears(variant) else None)
 
     def _apply(self, fn, *args, **kwargs):
