@@ -224,8 +224,10 @@ def int8_linear_native(
     bias: Tensor | None,
     input_scale: Tensor | None,
     input_granularity: str,
+    activation: str = "none",
 ) -> Tensor:
-    """The C kernel of `native` (AVX2): quantize, exact integer GEMM on the packed weight, `acc · s_w · s_x + bias`.
+    """The C kernel of `native` (AVX2): quantize, exact integer GEMM on the packed weight, `acc · s_w · s_x + bias`,
+    then `activation` ("none", "gelu", "silu") on the tile still in registers.
 
     Kept lean (a decode step calls it per layer): the kernel checks the input rows and a static scale itself."""
     library = native.load()
@@ -240,7 +242,7 @@ def int8_linear_native(
         static = _input_scale(x2d, None, "tensor", numerics.INT8_MAX)[0].reshape(())  # NaN/inf: the kernel raises
     packed = _cached_weight((weight, weight_scale), ("int8",),
                             lambda: native.Int8Weight(library, weight, weight_scale))
-    out = native.int8_linear(library, x2d, packed, bias, static).view(*x.shape[:-1], packed.out_features)
+    out = native.int8_linear(library, x2d, packed, bias, static, activation).view(*x.shape[:-1], packed.out_features)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
@@ -258,6 +260,29 @@ def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_
         if bool((input_scale < 0).any()):
             raise ValueError("static int8 input scale must be non-negative")
     return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
+
+
+# The activations that an INT8 layer's output may go through inside the kernel (`int8_linear_activation`), as the
+# float ops they stand for.
+INT8_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
+
+
+def int8_linear_activation(x, weight, weight_scale, bias, input_scale, input_format, input_granularity, activation):
+    """`activation(int8_linear(...))`, the activation fused into `native`'s INT8 kernel where that kernel runs.
+
+    The kernel's GELU (erf form) and SiLU are within a few float32 ulps of the exact functions (relative error
+    < 5e-7; PyTorch's float32 GELU is less accurate where x < -3, see `int8_gemm.c`). Elsewhere: the op, then the
+    activation in PyTorch. The graphs get this op from `qcompile.lowering.activation_fusion`.
+    """
+    if activation not in INT8_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(INT8_ACTIVATIONS)}")
+    if x.numel() and x.dtype == torch.float32 and takes_native_int8_gemm(
+        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
+    ):
+        return int8_linear_native(x, weight, weight_scale, bias, input_scale, input_granularity, activation)
+    return INT8_ACTIVATIONS[activation](
+        int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
+    )
 
 
 def int8_linear_dequantized(
@@ -454,6 +479,7 @@ def register() -> None:
     global _CALL_OPS_LIBRARY
     _CALL_OPS_LIBRARY = torch.library.Library("qcompile", "FRAGMENT")
     _define_kernel_call_ops(_CALL_OPS_LIBRARY)
+    _define_fused_activation_op(_CALL_OPS_LIBRARY)
     _register_inductor_decomposition()
     _registered = True
 
@@ -488,6 +514,22 @@ def _define_kernel_call_ops(library: torch.library.Library) -> None:
         )
 
 
+def _define_fused_activation_op(library: torch.library.Library) -> None:
+    """`qcompile::cpu_int8_linear_activation`: an INT8 layer and the activation after it, in one kernel call
+    (`int8_linear_activation`); no autograd, like the twins above, and only in graphs for inference."""
+    schema = str(torch.ops.qcompile.int8_linear.default._schema).split("::", 1)[1]
+    name, arguments = schema.split("(", 1)
+    library.define(f"cpu_{name}_activation({arguments.replace(') -> Tensor', ', str activation) -> Tensor')}")
+    library.impl("cpu_int8_linear_activation", int8_linear_activation, "CPU")
+
+    @torch.library.register_fake("qcompile::cpu_int8_linear_activation", lib=library)
+    def _(x, weight, weight_scale, bias, input_scale, input_format, input_granularity, activation):
+        if activation not in INT8_ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(INT8_ACTIVATIONS)}")
+        return torch.ops.qcompile.int8_linear(x, weight, weight_scale, bias, input_scale, input_format,
+                                              input_granularity)
+
+
 def _kernel_call(name: str):
     """Inductor decomposition of a public op on CPU tensors into its `qcompile::cpu_` twin (see above)."""
     call = getattr(torch.ops.qcompile, f"cpu_{name}").default
@@ -510,11 +552,12 @@ def _register_inductor_decomposition() -> None:
         decomposition.register_decomposition(op)(decompose)
         # where the decomposition declines (NotImplemented: another device, another format), inductor calls the op
         lowering.make_fallback(op, override_decomp=True)
-    for name in _cpu_kernels():
+    for name in [*_cpu_kernels(), "int8_linear_activation"]:
         lowering.make_fallback(getattr(torch.ops.qcompile, f"cpu_{name}").default)
 
 
-__all__ = ["MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear", "decompose_int8_linear",
-           "has_fast_int8_gemm", "int4_linear", "int4_weight", "int8_codes", "int8_linear", "int8_linear_dequantized",
+__all__ = ["INT8_ACTIVATIONS", "MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear",
+           "decompose_int8_linear", "has_fast_int8_gemm", "int4_linear", "int4_weight", "int8_codes", "int8_linear",
+           "int8_linear_activation", "int8_linear_dequantized",
            "int8_linear_int_mm", "int8_linear_native", "kernel_call_ops", "nvfp4_linear", "nvfp4_weight", "register",
            "takes_integer_gemm", "takes_native_int8_gemm"]

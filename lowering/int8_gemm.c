@@ -5,8 +5,10 @@
  * pairs of int16 products into int32 lanes exactly (|q_x * q_w| <= 127^2, so a pair is at most 32258): the integer
  * product is exact for K up to 2^31 / 127^2, and the kernel moves half the bytes of a float32 GEMM.
  *
- *   y[m, n] = float(sum_k q_x[m, k] * q_w[n, k]) * s_w[n] * s_x[m] + bias[n]
+ *   y[m, n] = act(float(sum_k q_x[m, k] * q_w[n, k]) * s_w[n] * s_x[m] + bias[n])
  *
+ * where act is the identity, or GELU (erf form) or SiLU applied while the tile is still in registers: a separate
+ * elementwise pass over MiniLM's [1024, 1536] GELU input cost more than the GELU arithmetic itself.
  * with q_x = clamp(round_half_even(x / s_x), -127, 127) and s_x = amax / 127 per row (or one static scale), formed
  * exactly as qcompile.numerics.quantize_int8 forms them (IEEE division, not a reciprocal), and the output scaled in
  * the same order as qcompile.lowering.cpu.int8_linear_int_mm (this file is compiled with -ffp-contract=off).
@@ -75,6 +77,107 @@ void qc_int8_pack_weight(const int8_t *w, int64_t N, int64_t K, int16_t *out, in
 }
 
 #if defined(__AVX2__)
+/* Activations applied to a tile before it is stored (see qc_int8_linear's `activation`). */
+enum { QC_IDENTITY = 0, QC_GELU = 1, QC_SILU = 2 };
+
+static inline __m256 mul_add(__m256 a, __m256 b, __m256 c) {
+#if defined(__FMA__)
+    return _mm256_fmadd_ps(a, b, c);
+#else
+    return _mm256_add_ps(_mm256_mul_ps(a, b), c);
+#endif
+}
+
+/* The activations below work on QC_ACT_LANES vectors at a time, one step for all of them before the next: each is a
+ * chain of ~40 dependent operations, and done one vector at a time the chains queue behind each other (the fused
+ * GELU cost as much as a separate pass over memory). */
+#define QC_ACT_LANES 4
+#define QC_EACH for (int j = 0; j < QC_ACT_LANES; ++j)
+
+/* v[j] = exp(v[j] + lo[j]), lo a small correction; v is clamped to [-87, 88], where 2^n stays a normal float.
+ * Relative error ~2e-7: n = round(v / ln 2), r = v - n ln 2 + lo in [-0.35, 0.35] (ln 2 split so that n * LN2_HI is
+ * exact), e^r by its Taylor series to r^7 (truncation < 6e-9), times 2^n built in the exponent bits. */
+static inline void exp_sum(__m256 v[QC_ACT_LANES], const __m256 lo[QC_ACT_LANES]) {
+    static const float inverse_factorials[8] = {1.0f, 1.0f, 0.5f, 1.66666667e-1f, 4.16666667e-2f, 8.33333333e-3f,
+                                                1.38888889e-3f, 1.98412698e-4f};
+    __m256 n[QC_ACT_LANES], r[QC_ACT_LANES];
+    QC_EACH {
+        const __m256 hi = _mm256_min_ps(_mm256_max_ps(v[j], _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+        n[j] = _mm256_round_ps(_mm256_mul_ps(hi, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r[j] = _mm256_sub_ps(hi, _mm256_mul_ps(n[j], _mm256_set1_ps(0.693359375f)));
+        r[j] = _mm256_add_ps(_mm256_sub_ps(r[j], _mm256_mul_ps(n[j], _mm256_set1_ps(-2.12194440e-4f))), lo[j]);
+        v[j] = _mm256_set1_ps(inverse_factorials[7]);
+    }
+    for (int i = 6; i >= 0; --i) QC_EACH v[j] = mul_add(v[j], r[j], _mm256_set1_ps(inverse_factorials[i]));
+    QC_EACH {
+        const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n[j]), _mm256_set1_epi32(127)), 23);
+        v[j] = _mm256_mul_ps(v[j], _mm256_castsi256_ps(two_n));
+    }
+}
+
+/* GELU(x) = x * Phi(x), Phi the standard normal CDF, to a few float32 ulps in relative terms also where x is
+ * negative (torch's float32 1 + erf(x / sqrt 2) loses those digits). Phi(-|x|) = erfc(z) / 2 with z = |x| / sqrt 2,
+ * erfc(z) = exp(-z^2) * erfcx(z), and erfcx(z) ~ t * P(t) with t = 1 / (1 + 0.375 z): P fitted here for the
+ * relative error of erfcx over z in [0, 10] (1.2e-8; ~4e-7 evaluated in float32). Below x = -15, Phi(x) * x is under
+ * the smallest float32: 0 (and NaN at -inf, as torch gives). */
+static inline void gelu_erf(__m256 x[QC_ACT_LANES]) {
+    static const float erfcx_p[9] = {0.21161349f, 0.2106494f, 0.2053153f, 0.121497765f, 0.27374187f,
+                                     -0.22943877f, 0.43242136f, -0.2873414f, 0.061540958f};
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
+    const __m256 limit = _mm256_set1_ps(15.0f);
+    __m256 in_range[QC_ACT_LANES], t[QC_ACT_LANES], g[QC_ACT_LANES], e[QC_ACT_LANES], e_lo[QC_ACT_LANES];
+    QC_EACH {
+        const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x[j]);
+        in_range[j] = _mm256_cmp_ps(ax, limit, _CMP_LT_OQ);
+        const __m256 a = _mm256_min_ps(ax, limit);
+        t[j] = _mm256_div_ps(one, mul_add(_mm256_set1_ps(0.375f * 0.70710678f), a, one));
+        /* -z^2 = -a^2 / 2, with the rounding error of a^2 carried (it matters in the tail, where z^2 is large) */
+        const __m256 a2 = _mm256_mul_ps(a, a);
+        e[j] = _mm256_mul_ps(a2, minus_half);
+#if defined(__FMA__)
+        e_lo[j] = _mm256_mul_ps(_mm256_fmsub_ps(a, a, a2), minus_half);
+#else
+        e_lo[j] = _mm256_setzero_ps();
+#endif
+        g[j] = _mm256_set1_ps(erfcx_p[8]);
+    }
+    exp_sum(e, e_lo);
+    for (int i = 7; i >= 0; --i) QC_EACH g[j] = mul_add(g[j], t[j], _mm256_set1_ps(erfcx_p[i]));
+    QC_EACH {
+        const __m256 erfc = _mm256_mul_ps(_mm256_mul_ps(g[j], t[j]), e[j]);
+        const __m256 lower_tail = _mm256_and_ps(_mm256_mul_ps(erfc, half), in_range[j]); /* Phi(-|x|) */
+        const __m256 phi = _mm256_blendv_ps(_mm256_sub_ps(one, lower_tail), lower_tail, x[j]); /* by x's sign */
+        x[j] = _mm256_mul_ps(x[j], phi);
+    }
+}
+
+/* SiLU(x) = x * sigmoid(x), sigmoid(x) = 1 / (1 + exp(-x)); below x = -88 (where exp(-x) would overflow) the
+ * sigmoid is taken as 0: |SiLU(x)| < 6e-37 there (and NaN at -inf, as torch gives). */
+static inline void silu(__m256 x[QC_ACT_LANES]) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 e[QC_ACT_LANES], zero[QC_ACT_LANES];
+    QC_EACH {
+        e[j] = _mm256_sub_ps(_mm256_setzero_ps(), x[j]);
+        zero[j] = _mm256_setzero_ps();
+    }
+    exp_sum(e, zero);
+    QC_EACH {
+        const __m256 sigmoid = _mm256_and_ps(_mm256_div_ps(one, _mm256_add_ps(one, e[j])),
+                                             _mm256_cmp_ps(x[j], _mm256_set1_ps(-88.0f), _CMP_GE_OQ));
+        x[j] = _mm256_mul_ps(x[j], sigmoid);
+    }
+}
+#undef QC_EACH
+
+/* The activation on n vectors (n a multiple of QC_ACT_LANES). */
+static inline void activate(__m256 *v, int n, int activation) {
+    for (int i = 0; i < n; i += QC_ACT_LANES) {
+        if (activation == QC_GELU) gelu_erf(v + i);
+        else if (activation == QC_SILU) silu(v + i);
+    }
+}
+
 /* 1 when row x [K] holds a NaN or inf; its largest |x| in *amax otherwise. */
 static int row_amax(const float *x, int64_t K, float *amax) {
     const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), inf_bits = _mm256_set1_epi32(0x7F800000);
@@ -190,8 +293,8 @@ static void full_tile_sums(const int16_t *a, int64_t lda, const int16_t *b, int6
 /* y[rows][16 columns of panel] = scaled a[rows][2 * KP] . panel[KP][16 x 2]: the int32 sums stay in registers for
  * the whole of K, then become float32 outputs. `cols` (<= 16) columns are stored. */
 static inline void micro_kernel(const int16_t *a, int64_t lda, int rows, const int16_t *b, int64_t KP,
-                                const float *row_scale, const float *col_scale, const float *bias, float *y,
-                                int64_t ldy, int cols) {
+                                const float *row_scale, const float *col_scale, const float *bias, int activation,
+                                float *y, int64_t ldy, int cols) {
     __m256i c[QC_MR][2];
 #if defined(QC_ASM_TILE)
     if (rows == QC_MR && KP > 0) {
@@ -218,20 +321,28 @@ static inline void micro_kernel(const int16_t *a, int64_t lda, int rows, const i
 #undef QC_ROW
         }
     }
+    __m256 out[QC_MR][2];
+    if (rows < QC_MR) memset(out, 0, sizeof out); /* the activation runs on whole groups of vectors */
     for (int r = 0; r < rows; ++r) {
         const __m256 sx = _mm256_set1_ps(row_scale[r]);
-        float *out = y + r * ldy;
         for (int h = 0; h < 2; ++h) {
             /* (acc * s_w) * s_x + bias, each step rounded to float32 as in int8_linear_int_mm */
             __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(c[r][h]), _mm256_loadu_ps(col_scale + 8 * h));
             v = _mm256_mul_ps(v, sx);
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * h));
+            out[r][h] = bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * h)) : v;
+        }
+    }
+    if (activation != QC_IDENTITY) activate(&out[0][0], (2 * rows + QC_ACT_LANES - 1) / QC_ACT_LANES * QC_ACT_LANES,
+                                            activation);
+    for (int r = 0; r < rows; ++r) {
+        float *row = y + r * ldy;
+        for (int h = 0; h < 2; ++h) {
             if (cols >= 8 * (h + 1)) {
-                _mm256_storeu_ps(out + 8 * h, v);
+                _mm256_storeu_ps(row + 8 * h, out[r][h]);
             } else if (cols > 8 * h) {
                 float lanes[8];
-                _mm256_storeu_ps(lanes, v);
-                memcpy(out + 8 * h, lanes, (size_t)(cols - 8 * h) * sizeof(float));
+                _mm256_storeu_ps(lanes, out[r][h]);
+                memcpy(row + 8 * h, lanes, (size_t)(cols - 8 * h) * sizeof(float));
             }
         }
     }
@@ -240,26 +351,28 @@ static inline void micro_kernel(const int16_t *a, int64_t lda, int rows, const i
 /* Row group g (6 rows) times weight panel p (16 columns), into y. */
 static inline void multiply_tile(const int16_t *a, int64_t lda, int64_t M, int64_t g, const int16_t *packed,
                                  int64_t KP, int64_t N, int64_t p, const float *row_scale, const float *col_scale,
-                                 const float *bias, float *y) {
+                                 const float *bias, int activation, float *y) {
     const int64_t m = g * QC_MR, n = p * QC_NR;
     const int rows = (int)(M - m < QC_MR ? M - m : QC_MR);
     const int cols = (int)(N - n < QC_NR ? N - n : QC_NR);
     micro_kernel(a + m * lda, lda, rows, packed + p * KP * QC_NR * 2, KP, row_scale + m, col_scale + n,
-                 bias ? bias + n : NULL, y + m * N + n, N, cols);
+                 bias ? bias + n : NULL, activation, y + m * N + n, N, cols);
 }
 #endif
 
 /* y [M, N] = int8 linear of x [M, K] float32 against a packed weight (see the top of this file).
  * static_scale: NULL for per-row scales amax / 127, else the one scale of every row (0 means 1, as in the reference).
+ * activation: 0 none, 1 GELU (erf form), 2 SiLU, applied to each output.
  * Returns 0; 1 when a buffer could not be allocated; 2 when x holds a NaN or inf; 3 without AVX2; 4 when the static
- * scale is negative, NaN or inf. */
+ * scale is negative, NaN or inf; 5 for an unknown activation. */
 int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_scale, const int16_t *packed, int64_t N,
-                   const float *weight_scale, const float *bias, float *y, int threads) {
+                   const float *weight_scale, const float *bias, int activation, float *y, int threads) {
 #if !defined(__AVX2__)
-    (void)x; (void)M; (void)K; (void)static_scale; (void)packed; (void)N; (void)weight_scale; (void)bias; (void)y;
-    (void)threads;
+    (void)x; (void)M; (void)K; (void)static_scale; (void)packed; (void)N; (void)weight_scale; (void)bias;
+    (void)activation; (void)y; (void)threads;
     return 3;
 #else
+    if (activation < QC_IDENTITY || activation > QC_SILU) return 5;
     float fixed_scale = 0.0f;
     if (static_scale) {
         fixed_scale = *static_scale;
@@ -313,7 +426,8 @@ int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_sca
             const int64_t g1 = g0 + block_groups < row_groups ? g0 + block_groups : row_groups;
             for (int64_t p = 0; p < NP; ++p)
                 for (int64_t g = g0; g < g1; ++g)
-                    multiply_tile(a, lda, M, g, packed, KP, N, p, row_scale, col_scale_pad, bias ? bias_pad : NULL, y);
+                    multiply_tile(a, lda, M, g, packed, KP, N, p, row_scale, col_scale_pad, bias ? bias_pad : NULL,
+                                  activation, y);
         }
     } else {
         /* Few rows (decode steps): the weight panels are shared out, every thread reads its own part of them. */
@@ -323,7 +437,8 @@ int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_sca
             const int64_t p1 = (task + 1) * QC_N_TILE < NP ? (task + 1) * QC_N_TILE : NP;
             for (int64_t p = task * QC_N_TILE; p < p1; ++p)
                 for (int64_t g = 0; g < row_groups; ++g)
-                    multiply_tile(a, lda, M, g, packed, KP, N, p, row_scale, col_scale_pad, bias ? bias_pad : NULL, y);
+                    multiply_tile(a, lda, M, g, packed, KP, N, p, row_scale, col_scale_pad, bias ? bias_pad : NULL,
+                                  activation, y);
         }
     }
     free(a);

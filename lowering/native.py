@@ -94,7 +94,7 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.qc_int8_packed_bytes.restype = i64
     library.qc_int8_pack_weight.argtypes = [p, i64, i64, p, c_int]
     library.qc_int8_pack_weight.restype = None
-    library.qc_int8_linear.argtypes = [p, i64, i64, p, p, i64, p, p, p, c_int]
+    library.qc_int8_linear.argtypes = [p, i64, i64, p, p, i64, p, p, c_int, p, c_int]
     library.qc_int8_linear.restype = c_int
     library.has_int8_gemm = bool(library.qc_int8_available())
     return library
@@ -202,18 +202,24 @@ class Int8Weight:
                                     torch.get_num_threads())
 
 
+# The activations the INT8 kernel applies to its outputs before storing them (its `activation` codes).
+INT8_ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2}
+
+
 def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Tensor | None,
-                static_scale: Tensor | None) -> Tensor:
+                static_scale: Tensor | None, activation: str = "none") -> Tensor:
     """x2d [M, K] float32 contiguous -> [M, N] float32: quantized per row (amax / 127), or with `static_scale` (a
     float32 scalar; finite and non-negative, else ValueError; 0 means 1), multiplied exactly in integers, scaled as
-    `acc · s_w · s_x + bias`."""
+    `acc · s_w · s_x + bias`, then `activation` (a key of INT8_ACTIVATIONS: GELU is the erf form)."""
+    if activation not in INT8_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; the INT8 kernel applies {sorted(INT8_ACTIVATIONS)}")
     m = x2d.shape[0]
     y = torch.empty((m, weight.out_features), dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     status = library.qc_int8_linear(
         x2d.data_ptr(), m, weight.in_features, _ptr(static_scale), weight.packed, weight.out_features,
-        weight.scale.data_ptr(), _ptr(bias), y.data_ptr(), torch.get_num_threads(),
+        weight.scale.data_ptr(), _ptr(bias), INT8_ACTIVATIONS[activation], y.data_ptr(), torch.get_num_threads(),
     )
     if status == 2:
         raise ValueError("input to a quantized linear layer contains NaN or inf")
@@ -232,4 +238,4 @@ def has_int8_gemm() -> bool:
     return library is not None and library.has_int8_gemm
 
 
-__all__ = ["Int8Weight", "Lut4Weight", "cache_dir", "dequantize", "has_int8_gemm", "int8_linear", "linear", "load"]
+__all__ = ["INT8_ACTIVATIONS", "Int8Weight", "Lut4Weight", "cache_dir", "dequantize", "has_int8_gemm", "int8_linear", "linear", "load"]

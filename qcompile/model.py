@@ -70,21 +70,30 @@ class QuantizedModel(nn.Module):
         return fx.GraphModule(self.graph_module, graph)
 
     def _build_inference_graph(self) -> None:
-        """The graph that eager calls without autograd run when every tensor is on the CPU: the quantized linears
-        call the ops' autograd-free twins (`qcompile::cpu_int8_linear`, ...; see `qcompile.lowering.cpu`), which
-        skip the public ops' Python autograd layer (measured ~30 us a call, a tenth of a small batch's time)."""
-        from qcompile.lowering import cpu
+        """The graphs that calls without autograd run when every tensor is on the CPU.
 
-        variant = None
+        In both, a GELU or SiLU after an INT8 layer runs in the layer's kernel call where qcompile's own INT8 kernel
+        runs the layer (`qcompile.lowering.activation_fusion`): `_fused_graph_module` (None when nothing fused) is
+        what `torch.compile(qm)` traces without freezing. Eager calls run `_inference_graph_module`, where the
+        quantized linears also call the ops' autograd-free twins (`qcompile::cpu_int8_linear`, ...; see
+        `qcompile.lowering.cpu`), which skip the public ops' Python autograd layer (measured ~30 us a call, a tenth
+        of a small batch's time); compiled graphs keep the public ops, which inductor decomposes itself."""
+        from qcompile.lowering import cpu
+        from qcompile.lowering.activation_fusion import fuse_int8_activations
+
+        fused = eager = None
         tensors = [*self.graph_module.parameters(), *self.graph_module.buffers()]
         if all(t.device.type == "cpu" for t in tensors):
-            variant, twins = self._graph_copy(), cpu.kernel_call_ops()
-            calls = [node for node in variant.graph.nodes if node.op == "call_function" and node.target in twins]
+            fused = self._graph_copy()
+            fused = fused if fuse_int8_activations(fused) else None
+            eager, twins = self._graph_copy(), cpu.kernel_call_ops()
+            calls = [node for node in eager.graph.nodes if node.op == "call_function" and node.target in twins]
             for node in calls:
                 node.target = twins[node.target]
-            variant.recompile()
-            variant = variant if calls else None
-        object.__setattr__(self, "_inference_graph_module", variant)
+            eager.recompile()
+            eager = eager if fuse_int8_activations(eager) or calls else None
+        object.__setattr__(self, "_fused_graph_module", fused)
+        object.__setattr__(self, "_inference_graph_module", eager)
 
     def _build_frozen_graph(self) -> None:
         """The graph that `torch.compile(qm)` traces when inductor freezes: INT8 layers on the CPU in the pattern
@@ -109,6 +118,8 @@ class QuantizedModel(nn.Module):
         if torch.compiler.is_compiling():
             if self._frozen_graph_module is not None and _inductor_freezes():
                 graph_module = self._frozen_graph_module
+            elif self._fused_graph_module is not None and not torch.is_grad_enabled():
+                graph_module = self._fused_graph_module
         elif self._inference_graph_module is not None and not torch.is_grad_enabled():
             graph_module = self._inference_graph_module
         try:

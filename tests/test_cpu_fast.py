@@ -698,14 +698,15 @@ needs_native_int8 = pytest.mark.skipif(not native.has_int8_gemm(), reason="no C 
 @pytest.fixture
 def avx2_int8_calls(monkeypatch) -> list:
     """A CPU without an INT8 dot product (the gate says so, whatever this one has); records the INT8 kernel's calls
-    as (M, K, N, static scale given)."""
+    as (M, K, N, static scale given), with the activation's name after them when it applies one."""
     monkeypatch.setattr(cpu_lowering, "has_fast_int8_gemm", lambda: False)
     calls = []
     real = native.int8_linear
 
-    def spy(library, x2d, weight, bias, static_scale):
-        calls.append((*x2d.shape, weight.out_features, static_scale is not None))
-        return real(library, x2d, weight, bias, static_scale)
+    def spy(library, x2d, weight, bias, static_scale, activation="none"):
+        fused = () if activation == "none" else (activation,)
+        calls.append((*x2d.shape, weight.out_features, static_scale is not None, *fused))
+        return real(library, x2d, weight, bias, static_scale, activation)
 
     monkeypatch.setattr(native, "int8_linear", spy)
     return calls
