@@ -7,6 +7,8 @@ reference only by float32 rounding of the sums and the final scaling: bound 1e-5
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -860,6 +862,161 @@ def test_avx2_int8_kernel_runs_eager_compiled_and_in_the_backend(recipe, avx2_in
     assert not int_mm_calls
     with torch.no_grad():
         assert _rel(out, eager_backend(x)) <= 1e-4
+
+
+# ------------------------------------------------------------------- activations fused into the INT8 kernel
+
+_ACTIVATIONS64 = {
+    "gelu": lambda v: v * 0.5 * torch.special.erfc(-v / math.sqrt(2.0)),  # Phi via erfc: exact in both tails
+    "silu": lambda v: v * torch.sigmoid(v),
+}
+_TORCH32 = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
+
+
+def _kernel_activation(values: torch.Tensor, activation: str) -> torch.Tensor:
+    """The INT8 kernel's activation of `values`: a zero weight makes every output its bias, so y = act(bias)."""
+    library = native.load()
+    weight = native.Int8Weight(library, torch.zeros(values.numel(), 3, dtype=torch.int8), torch.ones(1))
+    out = native.int8_linear(library, torch.randn(7, 3), weight, values, None, activation)  # 7 rows: a tile edge
+    assert torch.equal(out.isnan(), out[:1].isnan().expand_as(out))  # every row alike
+    assert torch.equal(out.nan_to_num(), out[:1].nan_to_num().expand_as(out))
+    return out[0]
+
+
+@needs_native_int8
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_kernel_activation_is_as_accurate_as_float32_allows(activation):
+    """Against float64 on a dense grid, random values and the clamping points: within 1e-6 of the exact function
+    relative to its value (a few float32 ulps) everywhere, as close in absolute terms as PyTorch's own float32
+    function (within a factor 2), and, for GELU, far closer where PyTorch's 1 + erf(x / sqrt 2) cancels (x < -3)."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.cat([torch.linspace(-20, 20, 40001), torch.randn(20000, generator=g) * 5,
+                        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 14.99, -14.99, 15.0, -15.0, -87.9,
+                                      -88.1, 88.1, 3e38, -3e38])])
+    got = _kernel_activation(values, activation).double()
+    want = _ACTIVATIONS64[activation](values.double())
+    error = (got - want).abs()
+    tiny = want.abs() < 1e-35  # under float32's normal range: only a tiny absolute error is asked
+    assert (error[~tiny] / want[~tiny].abs()).max() <= 1e-6
+    assert error[tiny].max() <= 1e-35
+    torch_error = (_TORCH32[activation](values).double() - want).abs()
+    assert error.max() <= 2 * torch_error.max()
+    if activation == "gelu":
+        tail = (values < -3) & (values > -15)
+        assert (torch_error[tail] / want[tail].abs()).max() > 1e-3  # what the erfc form avoids
+    # hand-checked values: GELU(x) = x Phi(x), Phi(-3) = 0.0013498980316301; SiLU(2) = 2 / (1 + e^-2)
+    if activation == "gelu":
+        assert _kernel_activation(torch.tensor([-3.0]), "gelu").item() == pytest.approx(-3 * 0.0013498980316301,
+                                                                                        rel=1e-6)
+    else:
+        assert _kernel_activation(torch.tensor([2.0]), "silu").item() == pytest.approx(2 / (1 + math.exp(-2)), rel=1e-6)
+
+
+@needs_native_int8
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_kernel_activation_of_overflowed_outputs_is_torchs(activation):
+    """An output that overflowed to ±inf: act(inf) = inf, act(-inf) = NaN, as PyTorch's float32 functions give."""
+    got = _kernel_activation(torch.tensor([float("inf"), -float("inf")]), activation)
+    assert got[0] == float("inf") and torch.isnan(got[1])
+    assert torch.equal(_TORCH32[activation](torch.tensor([float("inf")])), got[:1])
+
+
+@needs_native_int8
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("shape,n,static", [((1, 1, 384), 1536, None), ((7, 33), 17, None), ((2, 61, 800), 150, None),
+                                            ((31, 130), 129, 0.05), ((5, 1), 3, None)],
+                         ids=["decode", "edges", "two-blocks", "static", "k1"])
+def test_fused_op_is_the_activation_of_the_exact_layer(activation, shape, n, static, avx2_int8_calls):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(*shape, generator=g) * 2
+    weight, weight_scale = _weight(n, shape[-1], "channel" if static is None else "tensor", n)
+    bias = torch.randn(n, generator=g)
+    scale = None if static is None else torch.tensor(static)
+    granularity = "token" if static is None else "tensor"
+    got = torch.ops.qcompile.cpu_int8_linear_activation(x, weight, weight_scale, bias, scale, "int8", granularity,
+                                                        activation)
+    assert avx2_int8_calls == [(*x.reshape(-1, shape[-1]).shape, n, static is not None, activation)]  # one call
+    want = _ACTIVATIONS64[activation](_integer_formula(x, weight, weight_scale, bias, scale, granularity).double())
+    assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-35).all()
+
+
+def test_fused_op_rejects_an_unknown_activation():
+    weight, weight_scale = _weight(4, 8, "channel", 1)
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        torch.ops.qcompile.cpu_int8_linear_activation(torch.randn(2, 8), weight, weight_scale, None, None, "int8",
+                                                      "token", "relu")
+    if native.has_int8_gemm():
+        with pytest.raises(ValueError, match="unknown activation"):
+            native.int8_linear(native.load(), torch.randn(2, 8), native.Int8Weight(native.load(), weight,
+                                                                                   weight_scale), None, None, "tanh")
+
+
+def test_fused_op_without_the_kernel_is_the_op_then_the_activation():
+    """On a CPU where the INT8 kernel does not run (here: one with an INT8 dot product, as the fixture says), the op
+    is the layer (its integer GEMM) followed by PyTorch's activation."""
+    x = torch.randn(3, 5, 32)
+    weight, weight_scale = _weight(16, 32, "channel", 6)
+    bias = torch.randn(16)
+    got = torch.ops.qcompile.cpu_int8_linear_activation(x, weight, weight_scale, bias, None, "int8", "token", "silu")
+    layer = torch.ops.qcompile.int8_linear(x, weight, weight_scale, bias, None, "int8", "token")
+    assert torch.equal(got, torch.nn.functional.silu(layer))
+
+
+class _Block(torch.nn.Module):
+    """GELU and SiLU after INT8 layers, one layer whose output also feeds a residual, one tanh-form GELU."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.up, self.mid, self.side, self.tanh, self.down = (
+            torch.nn.Linear(32, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64),
+            torch.nn.Linear(64, 16))
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.up(x))
+        h = torch.nn.functional.silu(self.mid(h))
+        s = self.side(h)
+        h = torch.nn.functional.gelu(s) + s  # two users: the layer's own output is needed, no fusion
+        h = torch.nn.functional.gelu(self.tanh(h), approximate="tanh")  # not the erf form: no fusion
+        return self.down(h)
+
+
+def _fused_ops(gm) -> list[str]:
+    return [n.args[-1] for n in gm.graph.nodes if n.target == torch.ops.qcompile.cpu_int8_linear_activation.default]
+
+
+@needs_native_int8
+def test_activation_fusion_in_every_entry_point(avx2_int8_calls):
+    model = _Block().eval()
+    qm = qc.quantize(model, "int8_dynamic", calib=[torch.randn(4, 9, 32)], progress=False)
+    assert _fused_ops(qm._inference_graph_module) == ["gelu", "silu"]
+    assert _fused_ops(qm._fused_graph_module) == ["gelu", "silu"]
+    assert not _fused_ops(qm.graph_module)  # the graph with autograd keeps the public ops
+    x = torch.randn(2, 9, 32)
+    with _reference_kernels(), torch.no_grad():
+        reference = qm(x)  # the reference lowering, activations in PyTorch
+    with torch.no_grad():
+        eager = qm(x)
+    assert [c[4:] for c in avx2_int8_calls] == [("gelu",), ("silu",), (), (), ()]
+    assert _rel(eager, reference) <= 1e-4  # PyTorch's float32 GELU vs the kernel's, through four more layers
+    unfused = qm(x)  # autograd on: the public ops, activations apart
+    assert _rel(eager, unfused) <= 1e-5
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled, code = _compiled_code(torch.compile(qm), x)
+        assert code.count("torch.ops.qcompile.cpu_int8_linear_activation.default(") == 2
+        assert _rel(compiled, eager) <= 1e-5
+        backend = torch.compile(model, backend="quant", options={"recipe": "int8_dynamic"})
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out, codes = run_and_get_code(backend, x)
+    assert "\n".join(codes).count("torch.ops.qcompile.cpu_int8_linear_activation.default(") == 2
+    assert _rel(out, eager) <= 1e-5
+
+
+def test_no_activation_fusion_where_the_kernel_does_not_run():
+    """With an INT8 dot product (the fixture's CPU), inductor's integer GEMM path keeps the public ops."""
+    qm = qc.quantize(_Block().eval(), "int8_dynamic", calib=[torch.randn(4, 9, 32)], progress=False)
+    assert qm._fused_graph_module is None and not _fused_ops(qm._inference_graph_module)
 
 
 # ------------------------------------------------------------------------------------------- FP8 decomposed
