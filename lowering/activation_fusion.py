@@ -26,7 +26,7 @@ from torch import Tensor, fx
 
 from qcompile.lowering import cpu
 
-_INT8_LINEARS = (torch.ops.qcompile.int8_linear.default, torch.ops.qcompile.cpu_int8_linear.default)
+INT8_LINEARS = (torch.ops.qcompile.int8_linear.default, torch.ops.qcompile.cpu_int8_linear.default)
 # the call targets a graph shows for each activation: dynamo's (torch functions) and export's (aten ops)
 _ACTIVATION_TARGETS = {
     torch.ops.aten.gelu.default: "gelu",
@@ -52,7 +52,8 @@ def _activation(node: fx.Node) -> str | None:
     return name
 
 
-def _value(gm: fx.GraphModule, node) -> Tensor | None:
+def constant_value(gm: fx.GraphModule, node) -> Tensor | None:
+    """The tensor of a get_attr node (None for None); LookupError for anything else."""
     if node is None:
         return None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -60,13 +61,14 @@ def _value(gm: fx.GraphModule, node) -> Tensor | None:
     return functools.reduce(getattr, node.target.split("."), gm)
 
 
-def _runs_native_kernel(gm: fx.GraphModule, linear: fx.Node) -> bool:
+def runs_native_int8_kernel(gm: fx.GraphModule, linear: fx.Node) -> bool:
+    """Whether the INT8 layer `linear` (public op or twin, constants as attributes of `gm`) runs `native`'s kernel."""
     x, weight, weight_scale, bias, input_scale, input_format, granularity = linear.args
     example = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, fx.Node) else None
     if not isinstance(example, Tensor) or example.dtype != torch.float32:
         return False
     try:
-        weight, weight_scale, input_scale = (_value(gm, node) for node in (weight, weight_scale, input_scale))
+        weight, weight_scale, input_scale = (constant_value(gm, node) for node in (weight, weight_scale, input_scale))
     except LookupError:  # not constants of this graph: their dtypes and shapes are not known here
         return False
     return weight.device.type == "cpu" and cpu.takes_native_int8_gemm(
@@ -83,9 +85,9 @@ def fuse_int8_activations(gm: fx.GraphModule) -> int:
         if not (
             isinstance(linear, fx.Node)
             and linear.op == "call_function"
-            and linear.target in _INT8_LINEARS
+            and linear.target in INT8_LINEARS
             and len(linear.users) == 1
-            and _runs_native_kernel(gm, linear)
+            and runs_native_int8_kernel(gm, linear)
         ):
             continue
         with gm.graph.inserting_before(node):
@@ -102,4 +104,4 @@ def fuse_int8_activations(gm: fx.GraphModule) -> int:
     return fused
 
 
-__all__ = ["fuse_int8_activations"]
+__all__ = ["INT8_LINEARS", "constant_value", "fuse_int8_activations", "runs_native_int8_kernel"]

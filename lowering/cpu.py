@@ -232,6 +232,14 @@ def int8_linear_native(
 
     Kept lean (a decode step calls it per layer): the kernel checks the input rows and a static scale itself."""
     library = native.load()
+    x2d, static = _native_input(x, input_scale, input_granularity)
+    packed = _native_weight(library, weight, weight_scale)
+    out = native.int8_linear(library, x2d, packed, bias, static, activation).view(*x.shape[:-1], packed.out_features)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _native_input(x: Tensor, input_scale: Tensor | None, input_granularity: str) -> tuple[Tensor, Tensor | None]:
+    """(x as a contiguous float32 [M, K], the static scale for the kernel or None for its per-row scales)."""
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.dtype != torch.float32:
         x2d = x2d.to(torch.float32)
@@ -241,10 +249,34 @@ def int8_linear_native(
         static = input_scale.reshape(()).to(torch.float32)
     elif input_granularity == "tensor":
         static = _input_scale(x2d, None, "tensor", numerics.INT8_MAX)[0].reshape(())  # NaN/inf: the kernel raises
-    packed = _cached_weight((weight, weight_scale), ("int8",),
-                            lambda: native.Int8Weight(library, weight, weight_scale))
-    out = native.int8_linear(library, x2d, packed, bias, static, activation).view(*x.shape[:-1], packed.out_features)
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+    return x2d, static
+
+
+def _native_weight(library, weight: Tensor, weight_scale: Tensor) -> native.Int8Weight:
+    return _cached_weight((weight, weight_scale), ("int8",), lambda: native.Int8Weight(library, weight, weight_scale))
+
+
+def int8_linear_shared(x, weights, weight_scales, biases, input_scale, input_format, input_granularity):
+    """`[int8_linear(x, weights[i], weight_scales[i], biases[i], ...) for each i]`: the layers that read one tensor
+    (q/k/v, gate/up), placed by `qcompile.lowering.shared_input`.
+
+    Where `native`'s INT8 kernel runs, one call quantizes x once for all of them (the same codes each separate call
+    would form) and multiplies it by each weight: the same outputs, bit for bit. Elsewhere: the layers one by one.
+    """
+    if not (len(weights) == len(weight_scales) == len(biases)):
+        raise ValueError("int8_linear_shared takes one weight scale and one bias (or None) per weight")
+    if x.numel() and x.dtype == torch.float32 and all(
+        takes_native_int8_gemm(x.dtype, w, s, input_scale, input_format, input_granularity)
+        and w.shape[-1] == x.shape[-1]
+        for w, s in zip(weights, weight_scales)
+    ):
+        library = native.load()
+        x2d, static = _native_input(x, input_scale, input_granularity)
+        packed = [_native_weight(library, w, s) for w, s in zip(weights, weight_scales)]
+        outputs = native.int8_linear_many(library, x2d, packed, list(biases), static)
+        return [out.view(*x.shape[:-1], w.out_features) for out, w in zip(outputs, packed)]
+    return [int8_linear(x, w, s, b, input_scale, input_format, input_granularity)
+            for w, s, b in zip(weights, weight_scales, biases)]
 
 
 def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
@@ -481,6 +513,7 @@ def register() -> None:
     _CALL_OPS_LIBRARY = torch.library.Library("qcompile", "FRAGMENT")
     _define_kernel_call_ops(_CALL_OPS_LIBRARY)
     _define_fused_activation_op(_CALL_OPS_LIBRARY)
+    _define_shared_input_op(_CALL_OPS_LIBRARY)
     _register_inductor_decomposition()
     _registered = True
 
@@ -531,6 +564,23 @@ def _define_fused_activation_op(library: torch.library.Library) -> None:
                                               input_granularity)
 
 
+def _define_shared_input_op(library: torch.library.Library) -> None:
+    """`qcompile::cpu_int8_linear_shared`: the INT8 layers that read one tensor, in one kernel call
+    (`int8_linear_shared`); no autograd, like the twins above, and only in graphs for inference."""
+    library.define(
+        "cpu_int8_linear_shared(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor?[] biases, "
+        "Tensor? input_scale, str input_format, str input_granularity) -> Tensor[]"
+    )
+    library.impl("cpu_int8_linear_shared", int8_linear_shared, "CPU")
+
+    @torch.library.register_fake("qcompile::cpu_int8_linear_shared", lib=library)
+    def _(x, weights, weight_scales, biases, input_scale, input_format, input_granularity):
+        if not (len(weights) == len(weight_scales) == len(biases)):
+            raise ValueError("int8_linear_shared takes one weight scale and one bias (or None) per weight")
+        return [torch.ops.qcompile.int8_linear(x, w, s, b, input_scale, input_format, input_granularity)
+                for w, s, b in zip(weights, weight_scales, biases)]
+
+
 def _kernel_call(name: str):
     """Inductor decomposition of a public op on CPU tensors into its `qcompile::cpu_` twin (see above)."""
     call = getattr(torch.ops.qcompile, f"cpu_{name}").default
@@ -553,12 +603,12 @@ def _register_inductor_decomposition() -> None:
         decomposition.register_decomposition(op)(decompose)
         # where the decomposition declines (NotImplemented: another device, another format), inductor calls the op
         lowering.make_fallback(op, override_decomp=True)
-    for name in [*_cpu_kernels(), "int8_linear_activation"]:
+    for name in [*_cpu_kernels(), "int8_linear_activation", "int8_linear_shared"]:
         lowering.make_fallback(getattr(torch.ops.qcompile, f"cpu_{name}").default)
 
 
 __all__ = ["INT8_ACTIVATIONS", "MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear",
            "decompose_int8_linear", "has_fast_int8_gemm", "int4_linear", "int4_weight", "int8_codes", "int8_linear",
-           "int8_linear_activation", "int8_linear_dequantized",
+           "int8_linear_activation", "int8_linear_dequantized", "int8_linear_shared",
            "int8_linear_int_mm", "int8_linear_native", "kernel_call_ops", "nvfp4_linear", "nvfp4_weight", "register",
            "takes_integer_gemm", "takes_native_int8_gemm"]

@@ -360,58 +360,23 @@ static inline void multiply_tile(const int16_t *a, int64_t lda, int64_t M, int64
 }
 #endif
 
-/* y [M, N] = int8 linear of x [M, K] float32 against a packed weight (see the top of this file).
- * static_scale: NULL for per-row scales amax / 127, else the one scale of every row (0 means 1, as in the reference).
- * activation: 0 none, 1 GELU (erf form), 2 SiLU, applied to each output.
- * Returns 0; 1 when a buffer could not be allocated; 2 when x holds a NaN or inf; 3 without AVX2; 4 when the static
- * scale is negative, NaN or inf; 5 for an unknown activation. */
-int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_scale, const int16_t *packed, int64_t N,
-                   const float *weight_scale, const float *bias, int activation, float *y, int threads) {
-#if !defined(__AVX2__)
-    (void)x; (void)M; (void)K; (void)static_scale; (void)packed; (void)N; (void)weight_scale; (void)bias;
-    (void)activation; (void)y; (void)threads;
-    return 3;
-#else
-    if (activation < QC_IDENTITY || activation > QC_SILU) return 5;
-    float fixed_scale = 0.0f;
-    if (static_scale) {
-        fixed_scale = *static_scale;
-        if (!(fixed_scale >= 0.0f) || isinf(fixed_scale)) return 4;
-        if (fixed_scale == 0.0f) fixed_scale = 1.0f;
-    }
+#if defined(__AVX2__)
+/* y [M, N] = the codes a [M rows of 2 * KP] (scales row_scale) times one packed weight, scaled, plus bias, through
+ * the activation. Returns 0, or 1 when a buffer could not be allocated. */
+static int multiply_codes(const int16_t *a, const float *row_scale, int64_t M, int64_t K, const int16_t *packed,
+                          int64_t N, const float *weight_scale, const float *bias, int activation, float *y,
+                          int threads) {
     const int64_t KP = pairs_of(K), NP = panels_of(N), lda = 2 * KP;
-    int16_t *a = aligned_buffer((size_t)(M * lda * 2));
-    float *row_scale = malloc((size_t)M * sizeof(float));
     /* scales and bias padded to whole panels, so the micro-kernel loads 16 of each */
     float *col_scale_pad = calloc((size_t)(NP * QC_NR), sizeof(float));
     float *bias_pad = bias ? calloc((size_t)(NP * QC_NR), sizeof(float)) : NULL;
-    if (!a || !row_scale || !col_scale_pad || (bias && !bias_pad)) {
-        free(a);
-        free(row_scale);
+    if (!col_scale_pad || (bias && !bias_pad)) {
         free(col_scale_pad);
         free(bias_pad);
         return 1;
     }
     memcpy(col_scale_pad, weight_scale, (size_t)N * sizeof(float));
     if (bias) memcpy(bias_pad, bias, (size_t)N * sizeof(float));
-    int bad = 0;
-    /* one thread for a few rows (decode steps): waking the others costs more than the work */
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (M * K >= 16384)
-    for (int64_t m = 0; m < M; ++m) {
-        float amax;
-        bad |= row_amax(x + m * K, K, &amax);
-        float s = static_scale ? fixed_scale : amax / 127.0f;
-        if (s == 0.0f) s = 1.0f;
-        row_scale[m] = s;
-        quantize_row(x + m * K, K, s, a + m * lda, KP);
-    }
-    if (bad) {
-        free(a);
-        free(row_scale);
-        free(col_scale_pad);
-        free(bias_pad);
-        return 2;
-    }
     const int64_t row_groups = (M + QC_MR - 1) / QC_MR;
     if (row_groups >= (int64_t)threads * QC_TASKS_PER_THREAD) {
         /* Many rows: blocks of rows whose codes fit in L2, each multiplied by every weight panel in turn (a panel
@@ -441,10 +406,65 @@ int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_sca
                                   activation, y);
         }
     }
-    free(a);
-    free(row_scale);
     free(col_scale_pad);
     free(bias_pad);
     return 0;
+}
 #endif
+
+/* y[i] [M, N[i]] = int8 linear of x [M, K] float32 against each of `count` packed weights (see the top of this
+ * file), x quantized once for all of them: the layers that read one tensor (q/k/v, gate/up).
+ * static_scale: NULL for per-row scales amax / 127, else the one scale of every row (0 means 1, as in the reference).
+ * activation[i]: 0 none, 1 GELU (erf form), 2 SiLU, applied to each output of y[i].
+ * Returns 0; 1 when a buffer could not be allocated; 2 when x holds a NaN or inf; 3 without AVX2; 4 when the static
+ * scale is negative, NaN or inf; 5 for an unknown activation. */
+int qc_int8_linear_many(const float *x, int64_t M, int64_t K, const float *static_scale, int count,
+                        const int16_t *const *packed, const int64_t *N, const float *const *weight_scale,
+                        const float *const *bias, const int *activation, float *const *y, int threads) {
+#if !defined(__AVX2__)
+    (void)x; (void)M; (void)K; (void)static_scale; (void)count; (void)packed; (void)N; (void)weight_scale;
+    (void)bias; (void)activation; (void)y; (void)threads;
+    return 3;
+#else
+    for (int i = 0; i < count; ++i)
+        if (activation[i] < QC_IDENTITY || activation[i] > QC_SILU) return 5;
+    float fixed_scale = 0.0f;
+    if (static_scale) {
+        fixed_scale = *static_scale;
+        if (!(fixed_scale >= 0.0f) || isinf(fixed_scale)) return 4;
+        if (fixed_scale == 0.0f) fixed_scale = 1.0f;
+    }
+    const int64_t KP = pairs_of(K), lda = 2 * KP;
+    int16_t *a = aligned_buffer((size_t)(M * lda * 2));
+    float *row_scale = malloc((size_t)M * sizeof(float));
+    if (!a || !row_scale) {
+        free(a);
+        free(row_scale);
+        return 1;
+    }
+    int bad = 0;
+    /* one thread for a few rows (decode steps): waking the others costs more than the work */
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (M * K >= 16384)
+    for (int64_t m = 0; m < M; ++m) {
+        float amax;
+        bad |= row_amax(x + m * K, K, &amax);
+        float s = static_scale ? fixed_scale : amax / 127.0f;
+        if (s == 0.0f) s = 1.0f;
+        row_scale[m] = s;
+        quantize_row(x + m * K, K, s, a + m * lda, KP);
+    }
+    int status = bad ? 2 : 0;
+    for (int i = 0; i < count && status == 0; ++i)
+        status = multiply_codes(a, row_scale, M, K, packed[i], N[i], weight_scale[i], bias[i], activation[i], y[i],
+                                threads);
+    free(a);
+    free(row_scale);
+    return status;
+#endif
+}
+
+/* y [M, N] = int8 linear of x [M, K] float32 against one packed weight: qc_int8_linear_many with one weight. */
+int qc_int8_linear(const float *x, int64_t M, int64_t K, const float *static_scale, const int16_t *packed, int64_t N,
+                   const float *weight_scale, const float *bias, int activation, float *y, int threads) {
+    return qc_int8_linear_many(x, M, K, static_scale, 1, &packed, &N, &weight_scale, &bias, &activation, &y, threads);
 }

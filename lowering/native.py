@@ -96,6 +96,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.qc_int8_pack_weight.restype = None
     library.qc_int8_linear.argtypes = [p, i64, i64, p, p, i64, p, p, c_int, p, c_int]
     library.qc_int8_linear.restype = c_int
+    library.qc_int8_linear_many.argtypes = [p, i64, i64, p, c_int, p, p, p, p, p, p, c_int]
+    library.qc_int8_linear_many.restype = c_int
     library.has_int8_gemm = bool(library.qc_int8_available())
     return library
 
@@ -206,30 +208,71 @@ class Int8Weight:
 INT8_ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2}
 
 
-def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Tensor | None,
-                static_scale: Tensor | None, activation: str = "none") -> Tensor:
-    """x2d [M, K] float32 contiguous -> [M, N] float32: quantized per row (amax / 127), or with `static_scale` (a
-    float32 scalar; finite and non-negative, else ValueError; 0 means 1), multiplied exactly in integers, scaled as
-    `acc · s_w · s_x + bias`, then `activation` (a key of INT8_ACTIVATIONS: GELU is the erf form)."""
-    if activation not in INT8_ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; the INT8 kernel applies {sorted(INT8_ACTIVATIONS)}")
-    m = x2d.shape[0]
-    y = torch.empty((m, weight.out_features), dtype=torch.float32)
+def _float32_bias(bias: Tensor | None) -> Tensor | None:
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    status = library.qc_int8_linear(
-        x2d.data_ptr(), m, weight.in_features, _ptr(static_scale), weight.packed, weight.out_features,
-        weight.scale.data_ptr(), _ptr(bias), INT8_ACTIVATIONS[activation], y.data_ptr(), torch.get_num_threads(),
-    )
+    return bias
+
+
+def _raise_for(status: int, function: str) -> None:
     if status == 2:
         raise ValueError("input to a quantized linear layer contains NaN or inf")
     if status == 4:
         raise ValueError("static int8 input scale must be finite and non-negative")
     if status == 1:
-        raise MemoryError("qc_int8_linear could not allocate its buffers")
+        raise MemoryError(f"{function} could not allocate its buffers")
     if status != 0:
         raise RuntimeError("the INT8 CPU kernel was built without AVX2")
+
+
+def _activation_code(activation: str) -> int:
+    if activation not in INT8_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; the INT8 kernel applies {sorted(INT8_ACTIVATIONS)}")
+    return INT8_ACTIVATIONS[activation]
+
+
+def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Tensor | None,
+                static_scale: Tensor | None, activation: str = "none") -> Tensor:
+    """x2d [M, K] float32 contiguous -> [M, N] float32: quantized per row (amax / 127), or with `static_scale` (a
+    float32 scalar; finite and non-negative, else ValueError; 0 means 1), multiplied exactly in integers, scaled as
+    `acc · s_w · s_x + bias`, then `activation` (a key of INT8_ACTIVATIONS: GELU is the erf form)."""
+    code = _activation_code(activation)
+    m = x2d.shape[0]
+    y = torch.empty((m, weight.out_features), dtype=torch.float32)
+    bias = _float32_bias(bias)
+    status = library.qc_int8_linear(
+        x2d.data_ptr(), m, weight.in_features, _ptr(static_scale), weight.packed, weight.out_features,
+        weight.scale.data_ptr(), _ptr(bias), code, y.data_ptr(), torch.get_num_threads(),
+    )
+    _raise_for(status, "qc_int8_linear")
     return y
+
+
+def int8_linear_many(library: ctypes.CDLL, x2d: Tensor, weights: list[Int8Weight], biases: list[Tensor | None],
+                     static_scale: Tensor | None) -> list[Tensor]:
+    """`int8_linear` of one input against several weights (the layers that read one tensor: q/k/v, gate/up), the
+    input quantized once for all of them; the same outputs as separate calls, bit for bit."""
+    count, m = len(weights), x2d.shape[0]
+    if count != len(biases) or any(w.in_features != x2d.shape[1] for w in weights):
+        raise ValueError("int8_linear_many takes one bias (or None) per weight, every weight over x's features")
+    outputs = [torch.empty((m, w.out_features), dtype=torch.float32) for w in weights]
+    biases = [_float32_bias(b) for b in biases]
+
+    def array(kind, values):
+        return (kind * count)(*values)
+
+    status = library.qc_int8_linear_many(
+        x2d.data_ptr(), m, x2d.shape[1], _ptr(static_scale), count,
+        array(ctypes.c_void_p, [w.packed for w in weights]),
+        array(ctypes.c_int64, [w.out_features for w in weights]),
+        array(ctypes.c_void_p, [w.scale.data_ptr() for w in weights]),
+        array(ctypes.c_void_p, [_ptr(b) for b in biases]),
+        array(ctypes.c_int, [0] * count),
+        array(ctypes.c_void_p, [y.data_ptr() for y in outputs]),
+        torch.get_num_threads(),
+    )
+    _raise_for(status, "qc_int8_linear_many")
+    return outputs
 
 
 def has_int8_gemm() -> bool:
@@ -238,4 +281,5 @@ def has_int8_gemm() -> bool:
     return library is not None and library.has_int8_gemm
 
 
-__all__ = ["INT8_ACTIVATIONS", "Int8Weight", "Lut4Weight", "cache_dir", "dequantize", "has_int8_gemm", "int8_linear", "linear", "load"]
+__all__ = ["INT8_ACTIVATIONS", "Int8Weight", "Lut4Weight", "cache_dir", "dequantize", "has_int8_gemm", "int8_linear",
+           "int8_linear_many", "linear", "load"]

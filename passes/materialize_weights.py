@@ -20,7 +20,7 @@ def materialize_weights(gm: fx.GraphModule, sites: list[LinearSite]) -> fx.Graph
         with gm.graph.inserting_before(site.node):
             weight = gm.graph.get_attr(name)
             linear = gm.graph.call_function(torch.ops.aten.linear.default, (site.input, weight, site.bias))
-        linear.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "tensor_meta")})
+        linear.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "example_value", "tensor_meta")})
         site.node.replace_all_uses_with(linear)
         gm.graph.erase_node(site.node)
         site.node, site.weight_node = linear, weight

@@ -237,7 +237,7 @@ def quantize_linears(
                 "tensor" if input_spec is None else input_spec.granularity,
             )
             new_node = gm.graph.call_function(_OP_FOR_FORMAT[recipe.weights.format], args)
-        new_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+        new_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack")})
         site.node.replace_all_uses_with(new_node)
         gm.graph.erase_node(site.node)
         _erase_float_weight(gm, site)

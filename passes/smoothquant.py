@@ -159,7 +159,7 @@ def _divide_producer(gm, group, scale, by_node, placeholder_values, prefix) -> N
     inverse = _constant_node(gm, f"{prefix}_inverse_scale", (1.0 / scale), group[0].node)
     with gm.graph.inserting_before(_first_in_graph(gm, [site.node for site in group])):
         divided = gm.graph.call_function(aten.mul.Tensor, (producer, inverse))
-    divided.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "tensor_meta")})
+    divided.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "example_value", "tensor_meta")})
     for site in group:
         site.node.replace_input_with(producer, divided)
         site.input = divided

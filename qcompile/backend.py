@@ -8,7 +8,8 @@ activation statistics, and on exit it is converted. The statistics are kept per 
 later for a new input shape is converted at once. Quantized graphs are compiled by inductor; those with INT8 × INT8
 layers on the CPU are frozen (a setting of that compile alone), so that their weights are prepacked for oneDNN
 (`qcompile.lowering.onednn`); on CPUs that run qcompile's own INT8 kernel instead, a GELU or SiLU after an INT8 layer
-joins the layer's kernel call (`qcompile.lowering.activation_fusion`).
+joins the layer's kernel call (`qcompile.lowering.activation_fusion`), and INT8 layers that read one tensor share one
+call (`qcompile.lowering.shared_input`).
 
 GPTQ here is one-shot: the backend cannot feed the calibration batches again, so each layer's Hessian is summed
 from the float model's activations inside the `calibrate()` block (one Hessian per layer held until conversion),
@@ -29,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qcompile import calibration, numerics
 from qcompile.lowering import onednn
 from qcompile.lowering.activation_fusion import fuse_int8_activations
+from qcompile.lowering.shared_input import merge_shared_input_int8_linears
 from qcompile.passes.find_linears import LinearSite, find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
 from qcompile.convert import convert, needs_calibration, rows_to_keep, wants_hessian
@@ -126,7 +128,10 @@ class QuantizedGraph:
         if needs_calibration(self.options.recipe):
             observers = {site.name: self.state.observers[site.source] for site in self.sites}
         self.layers = convert(self.gm, self.sites, self.options.recipe, observers, self.parameters)
-        fuse_int8_activations(self.gm)  # only where oneDNN's route (below) does not take the layer
+        # qcompile's own INT8 kernel: activations into its calls, layers reading one tensor into one call (only where
+        # oneDNN's route, below, does not take the layers)
+        fuse_int8_activations(self.gm)
+        merge_shared_input_int8_linears(self.gm)
         if self.options.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 

@@ -72,26 +72,31 @@ class QuantizedModel(nn.Module):
     def _build_inference_graph(self) -> None:
         """The graphs that calls without autograd run when every tensor is on the CPU.
 
-        In both, a GELU or SiLU after an INT8 layer runs in the layer's kernel call where qcompile's own INT8 kernel
-        runs the layer (`qcompile.lowering.activation_fusion`): `_fused_graph_module` (None when nothing fused) is
-        what `torch.compile(qm)` traces without freezing. Eager calls run `_inference_graph_module`, where the
+        In both, where qcompile's own INT8 kernel runs the layers, a GELU or SiLU after an INT8 layer runs in the
+        layer's kernel call (`qcompile.lowering.activation_fusion`) and INT8 layers that read one tensor share one
+        call (`qcompile.lowering.shared_input`): `_fused_graph_module` (None when nothing changed) is what
+        `torch.compile(qm)` traces without freezing. Eager calls run `_inference_graph_module`, where the
         quantized linears also call the ops' autograd-free twins (`qcompile::cpu_int8_linear`, ...; see
         `qcompile.lowering.cpu`), which skip the public ops' Python autograd layer (measured ~30 us a call, a tenth
         of a small batch's time); compiled graphs keep the public ops, which inductor decomposes itself."""
         from qcompile.lowering import cpu
         from qcompile.lowering.activation_fusion import fuse_int8_activations
+        from qcompile.lowering.shared_input import merge_shared_input_int8_linears
+
+        def fuse(variant: fx.GraphModule) -> int:
+            return fuse_int8_activations(variant) + merge_shared_input_int8_linears(variant)
 
         fused = eager = None
         tensors = [*self.graph_module.parameters(), *self.graph_module.buffers()]
         if all(t.device.type == "cpu" for t in tensors):
             fused = self._graph_copy()
-            fused = fused if fuse_int8_activations(fused) else None
+            fused = fused if fuse(fused) else None
             eager, twins = self._graph_copy(), cpu.kernel_call_ops()
             calls = [node for node in eager.graph.nodes if node.op == "call_function" and node.target in twins]
             for node in calls:
                 node.target = twins[node.target]
             eager.recompile()
-            eager = eager if fuse_int8_activations(eager) or calls else None
+            eager = eager if fuse(eager) or calls else None
         object.__setattr__(self, "_fused_graph_module", fused)
         object.__setattr__(self, "_inference_graph_module", eager)
 

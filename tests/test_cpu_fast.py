@@ -710,7 +710,14 @@ def avx2_int8_calls(monkeypatch) -> list:
         calls.append((*x2d.shape, weight.out_features, static_scale is not None, *fused))
         return real(library, x2d, weight, bias, static_scale, activation)
 
+    real_many = native.int8_linear_many
+
+    def spy_many(library, x2d, weights, biases, static_scale):
+        calls.append(("shared", *x2d.shape, tuple(w.out_features for w in weights), static_scale is not None))
+        return real_many(library, x2d, weights, biases, static_scale)
+
     monkeypatch.setattr(native, "int8_linear", spy)
+    monkeypatch.setattr(native, "int8_linear_many", spy_many)
     return calls
 
 
@@ -1017,6 +1024,107 @@ def test_no_activation_fusion_where_the_kernel_does_not_run():
     """With an INT8 dot product (the fixture's CPU), inductor's integer GEMM path keeps the public ops."""
     qm = qc.quantize(_Block().eval(), "int8_dynamic", calib=[torch.randn(4, 9, 32)], progress=False)
     assert qm._fused_graph_module is None and not _fused_ops(qm._inference_graph_module)
+    qm = qc.quantize(_Attention().eval(), "int8_dynamic", calib=[torch.randn(2, 6, 32)], progress=False)
+    assert qm._fused_graph_module is None and not _shared_calls(qm._inference_graph_module)
+
+
+# ------------------------------------------------------------------- layers reading one tensor, one kernel call
+
+
+@needs_native_int8
+@pytest.mark.parametrize("shape,static", [((7, 33), None), ((2, 61, 800), None), ((1, 1, 384), None),
+                                          ((31, 130), 0.05), ((3, 5, 40), "tensor")],
+                         ids=["edges", "two-blocks", "decode", "static", "dynamic-tensor"])
+def test_shared_input_op_is_the_separate_layers_bit_for_bit(shape, static, avx2_int8_calls):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g) * 2
+    ns = (17, 64, 5)
+    weights = [_weight(n, shape[-1], "channel", n) for n in ns]
+    biases = [torch.randn(17, generator=g), None, torch.randn(5, generator=g)]
+    scale = torch.tensor(static) if isinstance(static, float) else None
+    granularity = "token" if static is None else "tensor"
+    got = torch.ops.qcompile.cpu_int8_linear_shared(x, [w for w, _ in weights], [s for _, s in weights], biases,
+                                                    scale, "int8", granularity)
+    rows = x.reshape(-1, shape[-1]).shape[0]
+    assert avx2_int8_calls == [("shared", rows, shape[-1], ns, static is not None)]  # one call for the three
+    for out, (w, s), b in zip(got, weights, biases):
+        assert torch.equal(out, _integer_formula(x, w, s, b, scale, granularity))
+
+
+@needs_native_int8
+def test_shared_input_op_rejects_non_finite_input_and_bad_lists(avx2_int8_calls):
+    x = torch.randn(4, 24)
+    x[3, 7] = float("nan")
+    (w1, s1), (w2, s2) = _weight(8, 24, "channel", 1), _weight(8, 24, "channel", 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        torch.ops.qcompile.cpu_int8_linear_shared(x, [w1, w2], [s1, s2], [None, None], None, "int8", "token")
+    with pytest.raises(ValueError, match="one weight scale and one bias"):
+        torch.ops.qcompile.cpu_int8_linear_shared(x, [w1, w2], [s1], [None, None], None, "int8", "token")
+
+
+class _Attention(torch.nn.Module):
+    """q/k/v reading one tensor; gate (SiLU, fused into its own call) and up reading another."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+        self.gate, self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        q, k, v = (t.view(*x.shape[:-1], 4, 8).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        attention = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        h = x + self.o(attention)
+        return h + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def _shared_calls(gm) -> list[int]:
+    return [len(n.args[1]) for n in gm.graph.nodes if n.target == torch.ops.qcompile.cpu_int8_linear_shared.default]
+
+
+@needs_native_int8
+@pytest.mark.parametrize("recipe", ["int8_dynamic", "int8_sq"])
+def test_shared_input_layers_merge_in_every_entry_point(recipe, avx2_int8_calls):
+    model = _Attention().eval()
+    calib = [torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    qm = qc.quantize(model, recipe, calib=calib, progress=False)
+    assert _shared_calls(qm._inference_graph_module) == [3]  # q/k/v; up stays alone once gate has its SiLU
+    assert _shared_calls(qm._fused_graph_module) == [3] and not _shared_calls(qm.graph_module)
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        eager = qm(x)
+    static = recipe == "int8_sq"
+    assert avx2_int8_calls[0] == ("shared", 12, 32, (32, 32, 32), static)
+    assert len(avx2_int8_calls) == 5  # q/k/v, o, gate + SiLU, up, down
+    assert _rel(eager, qm(x)) <= 1e-5  # the public ops one by one (autograd on); only the SiLU differs
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled, code = _compiled_code(torch.compile(qm), x)
+        assert code.count("torch.ops.qcompile.cpu_int8_linear_shared.default(") == 1
+        assert torch.equal(compiled, eager)
+        torch._dynamo.reset()
+        backend = torch.compile(model, backend="quant", options={"recipe": recipe})
+        if static:
+            with qc.calibrate(backend), torch.no_grad():
+                for batch in calib:
+                    backend(batch)
+        with torch.no_grad():
+            backend(x)  # compiles (int8_dynamic)
+            avx2_int8_calls.clear()
+            out = backend(x)
+    assert avx2_int8_calls[0] == ("shared", 12, 32, (32, 32, 32), static) and len(avx2_int8_calls) == 5
+    assert _rel(out, eager) <= 1e-5
+
+
+@needs_native_int8
+def test_layers_with_different_static_scales_stay_apart(avx2_int8_calls):
+    qm = qc.quantize(_Attention().eval(), "int8_sq", calib=[torch.randn(2, 6, 32)], progress=False)
+    k_layer = next(n for n in qm.graph_module.graph.nodes
+                   if n.target == torch.ops.qcompile.int8_linear.default and n.args[1].target.endswith("k_weight"))
+    scale = getattr(qm.graph_module, k_layer.args[4].target)
+    with torch.no_grad():
+        scale.mul_(1.5)  # k's calibrated scale no longer equals q's and v's
+    qm._build_graph_variants()
+    assert _shared_calls(qm._inference_graph_module) == [2]  # q and v
 
 
 # ------------------------------------------------------------------------------------------- FP8 decomposed
