@@ -17,9 +17,11 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
   are wrong (oneDNN) or far slower than float32 (`torch._int_mm`). x86 CPUs with AVX2 and no such instruction run
   the C kernel of `native` instead (`int8_gemm.c`: the same quantization, an exact int16 multiply-add GEMM on a
   weight packed once, the same scaling; 1.4-1.7x the float32 GEMM on MiniLM's shapes, 2.5-3.3x for one token),
-  eager and under inductor alike (the op is left whole, `takes_native_int8_gemm`); a GELU or SiLU after such a
-  layer runs in the same call (`int8_linear_activation`, placed by `qcompile.lowering.activation_fusion`). Other CPUs run the reference's
-  arithmetic, decomposed for inductor the same way (`has_fast_int8_gemm`, `int8_linear_dequantized`).
+  eager and under inductor alike (the op is left whole, `takes_native_int8_gemm`); in graphs for inference a GELU or
+  SiLU after such a layer runs in the same call (`int8_linear_activation`, placed by
+  `qcompile.lowering.activation_fusion`), and layers reading one tensor share one call (`int8_linear_shared`, placed
+  by `qcompile.lowering.shared_input`). Other CPUs run the reference's arithmetic, decomposed for inductor the same
+  way (`has_fast_int8_gemm`, `int8_linear_dequantized`).
 - int4_linear and nvfp4_linear: the 4-bit kernel of `native` (C, compiled on first use) multiplies straight from
   the packed codes for small batches (decode steps) and dequantizes once for larger ones. PyTorch's own packed INT4
   kernel (`_weight_int4pack_mm_for_cpu`) is fast only for bfloat16 activations, which would round every activation

@@ -7,11 +7,12 @@
  *
  *   y[m, n] = act(float(sum_k q_x[m, k] * q_w[n, k]) * s_w[n] * s_x[m] + bias[n])
  *
- * where act is the identity, or GELU (erf form) or SiLU applied while the tile is still in registers: a separate
- * elementwise pass over MiniLM's [1024, 1536] GELU input cost more than the GELU arithmetic itself.
  * with q_x = clamp(round_half_even(x / s_x), -127, 127) and s_x = amax / 127 per row (or one static scale), formed
  * exactly as qcompile.numerics.quantize_int8 forms them (IEEE division, not a reciprocal), and the output scaled in
- * the same order as qcompile.lowering.cpu.int8_linear_int_mm (this file is compiled with -ffp-contract=off).
+ * the same order as qcompile.lowering.cpu.int8_linear_int_mm (this file is compiled with -ffp-contract=off). act is
+ * the identity, or GELU (erf form) or SiLU applied while the tile is still in registers, which saves a separate
+ * elementwise pass over the layer's output (MiniLM: [1024, 1536] floats per FFN). Several weights can share one
+ * quantization of x (qc_int8_linear_many: q/k/v, gate/up).
  *
  * Layout: the weight is packed once into panels of 16 output columns, each K/2 pairs of 16 x (w[k], w[k+1]) int16,
  * one 32-byte vector per 8 columns; the activation is quantized into rows of int16 pairs, so one 32-bit broadcast
