@@ -62,8 +62,9 @@ def constant_value(gm: fx.GraphModule, node) -> Tensor | None:
 
 
 def runs_native_int8_kernel(gm: fx.GraphModule, linear: fx.Node) -> bool:
-    """Whether the INT8 layer `linear` (public op or twin, constants as attributes of `gm`) runs `native`'s kernel."""
-    x, weight, weight_scale, bias, input_scale, input_format, granularity = linear.args
+    """Whether the INT8 layer `linear` (public op, twin or fused with its activation; constants as attributes of `gm`)
+    runs `native`'s kernel."""
+    x, weight, weight_scale, bias, input_scale, input_format, granularity = linear.args[:7]
     example = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, fx.Node) else None
     if not isinstance(example, Tensor) or example.dtype != torch.float32:
         return False

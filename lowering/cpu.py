@@ -258,15 +258,16 @@ def _native_weight(library, weight: Tensor, weight_scale: Tensor) -> native.Int8
     return _cached_weight((weight, weight_scale), ("int8",), lambda: native.Int8Weight(library, weight, weight_scale))
 
 
-def int8_linear_shared(x, weights, weight_scales, biases, input_scale, input_format, input_granularity):
-    """`[int8_linear(x, weights[i], weight_scales[i], biases[i], ...) for each i]`: the layers that read one tensor
-    (q/k/v, gate/up), placed by `qcompile.lowering.shared_input`.
+def int8_linear_shared(x, weights, weight_scales, biases, input_scale, input_format, input_granularity,
+                       activations):
+    """`[activations[i](int8_linear(x, weights[i], weight_scales[i], biases[i], ...)) for each i]` ("none" for no
+    activation): the layers that read one tensor (q/k/v, gate/up), placed by `qcompile.lowering.shared_input`.
 
     Where `native`'s INT8 kernel runs, one call quantizes x once for all of them (the same codes each separate call
-    would form) and multiplies it by each weight: the same outputs, bit for bit. Elsewhere: the layers one by one.
+    would form) and multiplies it by each weight, applying each layer's activation as `int8_linear_activation` does:
+    the same outputs as separate calls, bit for bit. Elsewhere: the layers one by one.
     """
-    if not (len(weights) == len(weight_scales) == len(biases)):
-        raise ValueError("int8_linear_shared takes one weight scale and one bias (or None) per weight")
+    _check_shared_arguments(weights, weight_scales, biases, activations)
     if x.numel() and x.dtype == torch.float32 and all(
         takes_native_int8_gemm(x.dtype, w, s, input_scale, input_format, input_granularity)
         and w.shape[-1] == x.shape[-1]
@@ -275,10 +276,19 @@ def int8_linear_shared(x, weights, weight_scales, biases, input_scale, input_for
         library = native.load()
         x2d, static = _native_input(x, input_scale, input_granularity)
         packed = [_native_weight(library, w, s) for w, s in zip(weights, weight_scales)]
-        outputs = native.int8_linear_many(library, x2d, packed, list(biases), static)
+        outputs = native.int8_linear_many(library, x2d, packed, list(biases), static, list(activations))
         return [out.view(*x.shape[:-1], w.out_features) for out, w in zip(outputs, packed)]
-    return [int8_linear(x, w, s, b, input_scale, input_format, input_granularity)
-            for w, s, b in zip(weights, weight_scales, biases)]
+    outputs = [int8_linear(x, w, s, b, input_scale, input_format, input_granularity)
+               for w, s, b in zip(weights, weight_scales, biases)]
+    return [out if a == "none" else INT8_ACTIVATIONS[a](out) for out, a in zip(outputs, activations)]
+
+
+def _check_shared_arguments(weights, weight_scales, biases, activations) -> None:
+    if not (len(weights) == len(weight_scales) == len(biases) == len(activations)):
+        raise ValueError("int8_linear_shared takes one weight scale, one bias (or None) and one activation per weight")
+    unknown = sorted(set(activations) - {"none", *INT8_ACTIVATIONS})
+    if unknown:
+        raise ValueError(f"unknown activation(s) {unknown}; expected 'none' or one of {sorted(INT8_ACTIVATIONS)}")
 
 
 def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
@@ -571,14 +581,13 @@ def _define_shared_input_op(library: torch.library.Library) -> None:
     (`int8_linear_shared`); no autograd, like the twins above, and only in graphs for inference."""
     library.define(
         "cpu_int8_linear_shared(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor?[] biases, "
-        "Tensor? input_scale, str input_format, str input_granularity) -> Tensor[]"
+        "Tensor? input_scale, str input_format, str input_granularity, str[] activations) -> Tensor[]"
     )
     library.impl("cpu_int8_linear_shared", int8_linear_shared, "CPU")
 
     @torch.library.register_fake("qcompile::cpu_int8_linear_shared", lib=library)
-    def _(x, weights, weight_scales, biases, input_scale, input_format, input_granularity):
-        if not (len(weights) == len(weight_scales) == len(biases)):
-            raise ValueError("int8_linear_shared takes one weight scale and one bias (or None) per weight")
+    def _(x, weights, weight_scales, biases, input_scale, input_format, input_granularity, activations):
+        _check_shared_arguments(weights, weight_scales, biases, activations)
         return [torch.ops.qcompile.int8_linear(x, w, s, b, input_scale, input_format, input_granularity)
                 for w, s, b in zip(weights, weight_scales, biases)]
 

@@ -249,12 +249,16 @@ def int8_linear(library: ctypes.CDLL, x2d: Tensor, weight: Int8Weight, bias: Ten
 
 
 def int8_linear_many(library: ctypes.CDLL, x2d: Tensor, weights: list[Int8Weight], biases: list[Tensor | None],
-                     static_scale: Tensor | None) -> list[Tensor]:
-    """`int8_linear` of one input against several weights (the layers that read one tensor: q/k/v, gate/up), the
-    input quantized once for all of them; the same outputs as separate calls, bit for bit."""
+                     static_scale: Tensor | None, activations: list[str] | None = None) -> list[Tensor]:
+    """`int8_linear` of one input against several weights (the layers that read one tensor: q/k/v, gate/up), each
+    with its own activation ("none" by default), the input quantized once for all of them; the same outputs as
+    separate calls, bit for bit."""
     count, m = len(weights), x2d.shape[0]
-    if count != len(biases) or any(w.in_features != x2d.shape[1] for w in weights):
-        raise ValueError("int8_linear_many takes one bias (or None) per weight, every weight over x's features")
+    activations = ["none"] * count if activations is None else list(activations)
+    if count != len(biases) or count != len(activations) or any(w.in_features != x2d.shape[1] for w in weights):
+        raise ValueError("int8_linear_many takes one bias (or None) and one activation per weight, every weight over "
+                         "x's features")
+    codes = [_activation_code(a) for a in activations]
     outputs = [torch.empty((m, w.out_features), dtype=torch.float32) for w in weights]
     biases = [_float32_bias(b) for b in biases]
 
@@ -267,7 +271,7 @@ def int8_linear_many(library: ctypes.CDLL, x2d: Tensor, weights: list[Int8Weight
         array(ctypes.c_int64, [w.out_features for w in weights]),
         array(ctypes.c_void_p, [w.scale.data_ptr() for w in weights]),
         array(ctypes.c_void_p, [_ptr(b) for b in biases]),
-        array(ctypes.c_int, [0] * count),
+        array(ctypes.c_int, codes),
         array(ctypes.c_void_p, [y.data_ptr() for y in outputs]),
         torch.get_num_threads(),
     )

@@ -700,7 +700,8 @@ needs_native_int8 = pytest.mark.skipif(not native.has_int8_gemm(), reason="no C 
 @pytest.fixture
 def avx2_int8_calls(monkeypatch) -> list:
     """A CPU without an INT8 dot product (the gate says so, whatever this one has); records the INT8 kernel's calls
-    as (M, K, N, static scale given), with the activation's name after them when it applies one."""
+    as (M, K, N, static scale given), with the activation's name after them when it applies one; a call for several
+    weights as ("shared", M, K, (N, ...), static scale given, (activation, ...))."""
     monkeypatch.setattr(cpu_lowering, "has_fast_int8_gemm", lambda: False)
     calls = []
     real = native.int8_linear
@@ -712,9 +713,10 @@ def avx2_int8_calls(monkeypatch) -> list:
 
     real_many = native.int8_linear_many
 
-    def spy_many(library, x2d, weights, biases, static_scale):
-        calls.append(("shared", *x2d.shape, tuple(w.out_features for w in weights), static_scale is not None))
-        return real_many(library, x2d, weights, biases, static_scale)
+    def spy_many(library, x2d, weights, biases, static_scale, activations=None):
+        calls.append(("shared", *x2d.shape, tuple(w.out_features for w in weights), static_scale is not None,
+                      tuple(activations or ["none"] * len(weights))))
+        return real_many(library, x2d, weights, biases, static_scale, activations)
 
     monkeypatch.setattr(native, "int8_linear", spy)
     monkeypatch.setattr(native, "int8_linear_many", spy_many)
@@ -1038,17 +1040,25 @@ def test_no_activation_fusion_where_the_kernel_does_not_run():
 def test_shared_input_op_is_the_separate_layers_bit_for_bit(shape, static, avx2_int8_calls):
     g = torch.Generator().manual_seed(shape[-1])
     x = torch.randn(*shape, generator=g) * 2
-    ns = (17, 64, 5)
+    ns, activations = (17, 64, 5), ["gelu", "none", "silu"]
     weights = [_weight(n, shape[-1], "channel", n) for n in ns]
     biases = [torch.randn(17, generator=g), None, torch.randn(5, generator=g)]
     scale = torch.tensor(static) if isinstance(static, float) else None
     granularity = "token" if static is None else "tensor"
     got = torch.ops.qcompile.cpu_int8_linear_shared(x, [w for w, _ in weights], [s for _, s in weights], biases,
-                                                    scale, "int8", granularity)
+                                                    scale, "int8", granularity, activations)
     rows = x.reshape(-1, shape[-1]).shape[0]
-    assert avx2_int8_calls == [("shared", rows, shape[-1], ns, static is not None)]  # one call for the three
-    for out, (w, s), b in zip(got, weights, biases):
-        assert torch.equal(out, _integer_formula(x, w, s, b, scale, granularity))
+    # one call for the three
+    assert avx2_int8_calls == [("shared", rows, shape[-1], ns, static is not None, tuple(activations))]
+    for out, (w, s), b, activation in zip(got, weights, biases, activations):
+        layer = _integer_formula(x, w, s, b, scale, granularity)
+        if activation == "none":
+            assert torch.equal(out, layer)
+        else:  # what the one-layer call gives, bit for bit, and the exact function within 1e-6 of its value
+            alone = torch.ops.qcompile.cpu_int8_linear_activation(x, w, s, b, scale, "int8", granularity, activation)
+            assert torch.equal(out, alone)
+            want = _ACTIVATIONS64[activation](layer.double())
+            assert ((out.double() - want).abs() <= 1e-6 * want.abs() + 1e-35).all()
 
 
 @needs_native_int8
@@ -1056,14 +1066,19 @@ def test_shared_input_op_rejects_non_finite_input_and_bad_lists(avx2_int8_calls)
     x = torch.randn(4, 24)
     x[3, 7] = float("nan")
     (w1, s1), (w2, s2) = _weight(8, 24, "channel", 1), _weight(8, 24, "channel", 2)
+    shared = torch.ops.qcompile.cpu_int8_linear_shared
     with pytest.raises(ValueError, match="NaN or inf"):
-        torch.ops.qcompile.cpu_int8_linear_shared(x, [w1, w2], [s1, s2], [None, None], None, "int8", "token")
-    with pytest.raises(ValueError, match="one weight scale and one bias"):
-        torch.ops.qcompile.cpu_int8_linear_shared(x, [w1, w2], [s1], [None, None], None, "int8", "token")
+        shared(x, [w1, w2], [s1, s2], [None, None], None, "int8", "token", ["none", "none"])
+    with pytest.raises(ValueError, match="one weight scale, one bias"):
+        shared(x, [w1, w2], [s1], [None, None], None, "int8", "token", ["none", "none"])
+    with pytest.raises(ValueError, match="one weight scale, one bias"):
+        shared(x, [w1, w2], [s1, s2], [None, None], None, "int8", "token", ["none"])
+    with pytest.raises(ValueError, match=r"unknown activation\(s\) \['relu'\]"):
+        shared(x, [w1, w2], [s1, s2], [None, None], None, "int8", "token", ["relu", "none"])
 
 
 class _Attention(torch.nn.Module):
-    """q/k/v reading one tensor; gate (SiLU, fused into its own call) and up reading another."""
+    """q/k/v reading one tensor; gate (then SiLU) and up reading another."""
 
     def __init__(self):
         super().__init__()
@@ -1088,18 +1103,19 @@ def test_shared_input_layers_merge_in_every_entry_point(recipe, avx2_int8_calls)
     model = _Attention().eval()
     calib = [torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     qm = qc.quantize(model, recipe, calib=calib, progress=False)
-    assert _shared_calls(qm._inference_graph_module) == [3]  # q/k/v; up stays alone once gate has its SiLU
-    assert _shared_calls(qm._fused_graph_module) == [3] and not _shared_calls(qm.graph_module)
+    assert _shared_calls(qm._inference_graph_module) == [3, 2]  # q/k/v, gate (with its SiLU) and up
+    assert _shared_calls(qm._fused_graph_module) == [3, 2] and not _shared_calls(qm.graph_module)
     x = torch.randn(2, 6, 32)
     with torch.no_grad():
         eager = qm(x)
     static = recipe == "int8_sq"
-    assert avx2_int8_calls[0] == ("shared", 12, 32, (32, 32, 32), static)
-    assert len(avx2_int8_calls) == 5  # q/k/v, o, gate + SiLU, up, down
+    expected_calls = [("shared", 12, 32, (32, 32, 32), static, ("none",) * 3), (12, 32, 32, static),
+                      ("shared", 12, 32, (64, 64), static, ("silu", "none")), (12, 64, 32, static)]
+    assert avx2_int8_calls == expected_calls
     assert _rel(eager, qm(x)) <= 1e-5  # the public ops one by one (autograd on); only the SiLU differs
     with torch._inductor.config.patch(fx_graph_cache=False):
         compiled, code = _compiled_code(torch.compile(qm), x)
-        assert code.count("torch.ops.qcompile.cpu_int8_linear_shared.default(") == 1
+        assert code.count("torch.ops.qcompile.cpu_int8_linear_shared.default(") == 2
         assert torch.equal(compiled, eager)
         torch._dynamo.reset()
         backend = torch.compile(model, backend="quant", options={"recipe": recipe})
@@ -1111,7 +1127,7 @@ def test_shared_input_layers_merge_in_every_entry_point(recipe, avx2_int8_calls)
             backend(x)  # compiles (int8_dynamic)
             avx2_int8_calls.clear()
             out = backend(x)
-    assert avx2_int8_calls[0] == ("shared", 12, 32, (32, 32, 32), static) and len(avx2_int8_calls) == 5
+    assert avx2_int8_calls == expected_calls
     assert _rel(out, eager) <= 1e-5
 
 
@@ -1124,7 +1140,7 @@ def test_layers_with_different_static_scales_stay_apart(avx2_int8_calls):
     with torch.no_grad():
         scale.mul_(1.5)  # k's calibrated scale no longer equals q's and v's
     qm._build_graph_variants()
-    assert _shared_calls(qm._inference_graph_module) == [2]  # q and v
+    assert _shared_calls(qm._inference_graph_module) == [2, 2]  # q and v; gate and up
 
 
 # ------------------------------------------------------------------------------------------- FP8 decomposed
