@@ -71,8 +71,8 @@ def merge_shared_input_int8_linears(gm: fx.GraphModule) -> int:
         for layer, output in zip(layers, outputs):
             output.meta.update(layer.meta)
             layer.replace_all_uses_with(output)
-            gm.graph.erase_node(layer)
             scale = layer.args[4]
+            gm.graph.erase_node(layer)
             if isinstance(scale, fx.Node) and scale.op == "get_attr" and not scale.users:
                 gm.graph.erase_node(scale)  # a static scale equal to the first layer's, which the call reads
         merged += len(layers)

@@ -1105,6 +1105,8 @@ def test_shared_input_layers_merge_in_every_entry_point(recipe, avx2_int8_calls)
     qm = qc.quantize(model, recipe, calib=calib, progress=False)
     assert _shared_calls(qm._inference_graph_module) == [3, 2]  # q/k/v, gate (with its SiLU) and up
     assert _shared_calls(qm._fused_graph_module) == [3, 2] and not _shared_calls(qm.graph_module)
+    # the static scales equal to the first layer's of each group, which the call reads, leave the graph
+    assert not [n for n in qm._inference_graph_module.graph.nodes if n.op == "get_attr" and not n.users]
     x = torch.randn(2, 6, 32)
     with torch.no_grad():
         eager = qm(x)
