@@ -268,9 +268,8 @@ def int8_linear_shared(x, weights, weight_scales, biases, input_scale, input_for
     the same outputs as separate calls, bit for bit. Elsewhere: the layers one by one.
     """
     _check_shared_arguments(weights, weight_scales, biases, activations)
-    if x.numel() and x.dtype == torch.float32 and all(
-        takes_native_int8_gemm(x.dtype, w, s, input_scale, input_format, input_granularity)
-        and w.shape[-1] == x.shape[-1]
+    if all(
+        _fuses_on_native(x, w, s, input_scale, input_format, input_granularity) and w.shape[-1] == x.shape[-1]
         for w, s in zip(weights, weight_scales)
     ):
         library = native.load()
@@ -281,6 +280,14 @@ def int8_linear_shared(x, weights, weight_scales, biases, input_scale, input_for
     outputs = [int8_linear(x, w, s, b, input_scale, input_format, input_granularity)
                for w, s, b in zip(weights, weight_scales, biases)]
     return [out if a == "none" else INT8_ACTIVATIONS[a](out) for out, a in zip(outputs, activations)]
+
+
+def _fuses_on_native(x, weight, weight_scale, input_scale, input_format, input_granularity) -> bool:
+    """Whether `native`'s kernel runs a layer with work fused into its call: float32 activations only (the fused
+    work is float32 arithmetic on the kernel's float32 output)."""
+    return bool(x.numel()) and x.dtype == torch.float32 and takes_native_int8_gemm(
+        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
+    )
 
 
 def _check_shared_arguments(weights, weight_scales, biases, activations) -> None:
@@ -321,9 +328,7 @@ def int8_linear_activation(x, weight, weight_scale, bias, input_scale, input_for
     """
     if activation not in INT8_ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(INT8_ACTIVATIONS)}")
-    if x.numel() and x.dtype == torch.float32 and takes_native_int8_gemm(
-        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
-    ):
+    if _fuses_on_native(x, weight, weight_scale, input_scale, input_format, input_granularity):
         return int8_linear_native(x, weight, weight_scale, bias, input_scale, input_granularity, activation)
     return INT8_ACTIVATIONS[activation](
         int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)

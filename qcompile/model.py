@@ -61,12 +61,13 @@ class QuantizedModel(nn.Module):
         self._build_frozen_graph()
         self._build_inference_graph()
 
-    def _graph_copy(self) -> fx.GraphModule:
-        """A copy of `graph_module`'s graph over the same tensors, for a variant kept off the module tree (not a
-        submodule: not in the state dict, not counted twice)."""
+    def _graph_copy(self, source: fx.GraphModule | None = None) -> fx.GraphModule:
+        """A copy of the graph of `source` (default `graph_module`) over `graph_module`'s tensors, for a variant
+        kept off the module tree (not a submodule: not in the state dict, not counted twice)."""
+        source = self.graph_module if source is None else source
         graph = fx.Graph()
-        graph._codegen = self.graph_module.graph._codegen  # the calling convention (pytree specs), shared
-        graph.output(graph.graph_copy(self.graph_module.graph, {}))
+        graph._codegen = source.graph._codegen  # the calling convention (pytree specs), shared
+        graph.output(graph.graph_copy(source.graph, {}))
         return fx.GraphModule(self.graph_module, graph)
 
     def _build_inference_graph(self) -> None:
@@ -83,20 +84,19 @@ class QuantizedModel(nn.Module):
         from qcompile.lowering.activation_fusion import fuse_int8_activations
         from qcompile.lowering.shared_input import merge_shared_input_int8_linears
 
-        def fuse(variant: fx.GraphModule) -> int:
-            return fuse_int8_activations(variant) + merge_shared_input_int8_linears(variant)
-
         fused = eager = None
         tensors = [*self.graph_module.parameters(), *self.graph_module.buffers()]
         if all(t.device.type == "cpu" for t in tensors):
             fused = self._graph_copy()
-            fused = fused if fuse(fused) else None
-            eager, twins = self._graph_copy(), cpu.kernel_call_ops()
+            changed = fuse_int8_activations(fused) + merge_shared_input_int8_linears(fused)
+            fused = fused if changed else None
+            # the eager graph: the fused one (or the original) with the remaining public ops on their twins
+            eager, twins = self._graph_copy(fused), cpu.kernel_call_ops()
             calls = [node for node in eager.graph.nodes if node.op == "call_function" and node.target in twins]
             for node in calls:
                 node.target = twins[node.target]
             eager.recompile()
-            eager = eager if fuse(eager) or calls else None
+            eager = eager if changed or calls else None
         object.__setattr__(self, "_fused_graph_module", fused)
         object.__setattr__(self, "_inference_graph_module", eager)
 
