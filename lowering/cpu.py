@@ -127,7 +127,7 @@ def takes_native_int8_gemm(
         _has_int8_operands(x_dtype, weight, input_format, input_granularity)
         and weight_scale.numel() in (1, weight.shape[0])
         and (input_scale is None or input_scale.numel() == 1)
-        and weight.shape[-1] <= MAX_EXACT_K
+        and weight.shape[-1] <= min(MAX_EXACT_K, native.INT8_KERNEL_MAX_K)
         and not has_fast_int8_gemm()
         and native.has_int8_gemm()
     )

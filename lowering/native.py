@@ -5,7 +5,8 @@
   lookup per code (one AVX-512 permute per 16 codes) and a fused multiply-add, reading the packed bytes once per
   output row.
 - `int8_gemm.c`: INT8 × INT8 layers on x86 CPUs with AVX2 but no INT8 dot-product instruction, where oneDNN's
-  integer kernels saturate and `torch._int_mm` crawls: exact int16 multiply-adds into int32 (`Int8Weight`).
+  integer kernels saturate and `torch._int_mm` crawls: byte multiply-adds arranged so that no int16 pair sum can
+  overflow, exact in int32 (`Int8Weight`).
 
 It is compiled with the system C compiler (`cc`, or `$CC`) with `-O3 -march=native -fopenmp` into
 `$QCOMPILE_CACHE_DIR` (default `~/.cache/qcompile`), keyed by a hash of the source, the flags and the CPU, written
@@ -90,7 +91,7 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.qc_lut4_dequantize.restype = None
     library.qc_int8_available.argtypes = []
     library.qc_int8_available.restype = c_int
-    library.qc_int8_packed_bytes.argtypes = [i64, i64]
+    library.qc_int8_packed_bytes.argtypes = [p, i64, i64, c_int]
     library.qc_int8_packed_bytes.restype = i64
     library.qc_int8_pack_weight.argtypes = [p, i64, i64, p, c_int]
     library.qc_int8_pack_weight.restype = None
@@ -186,23 +187,29 @@ def dequantize(library: ctypes.CDLL, weight: Lut4Weight) -> Tensor:
 
 
 class Int8Weight:
-    """An [N, K] INT8 weight as `int8_gemm.c` reads it: int16 panels of 16 output columns (its own 64-byte aligned
-    copy, twice the INT8 bytes and half the float32 ones) and float32 scales per output column. It keeps nothing of
-    the tensors it was built from."""
+    """An [N, K] INT8 weight as `int8_gemm.c` reads it: panels of 16 output columns, each a list of steps over four
+    k with the sign arrangement that keeps the kernel's int16 pair sums exact (its own 64-byte aligned copy, about
+    1.1x the INT8 bytes), and float32 scales per output column. It keeps nothing of the tensors it was built from."""
 
     def __init__(self, library: ctypes.CDLL, weight: Tensor, weight_scale: Tensor):
         n, k = weight.shape
         scale = weight_scale.detach().to(torch.float32).reshape(-1)
         if weight.dtype != torch.int8 or scale.numel() not in (1, n):
             raise ValueError("the INT8 CPU kernel takes an int8 [N, K] weight with one scale per tensor or row")
+        if k > INT8_KERNEL_MAX_K:
+            raise ValueError(f"the INT8 CPU kernel takes at most {INT8_KERNEL_MAX_K} input features, not {k}")
         self.out_features, self.in_features = n, k
         self.scale = scale.expand(n).clone()
-        nbytes = library.qc_int8_packed_bytes(n, k)
+        codes = weight.detach().contiguous()
+        threads = torch.get_num_threads()
+        nbytes = library.qc_int8_packed_bytes(codes.data_ptr(), n, k, threads)
         self._buffer = torch.empty(nbytes + 64, dtype=torch.uint8)
         self.packed = self._buffer.data_ptr() + (-self._buffer.data_ptr()) % 64
-        library.qc_int8_pack_weight(weight.detach().contiguous().data_ptr(), n, k, self.packed,
-                                    torch.get_num_threads())
+        library.qc_int8_pack_weight(codes.data_ptr(), n, k, self.packed, threads)
 
+
+# The most input features the INT8 kernel takes: its int32 sums hold K products of up to 254 · 127 exactly.
+INT8_KERNEL_MAX_K = 65536
 
 # The activations the INT8 kernel applies to its outputs before storing them (its `activation` codes).
 INT8_ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2}
@@ -219,6 +226,8 @@ def _raise_for(status: int, function: str) -> None:
         raise ValueError("input to a quantized linear layer contains NaN or inf")
     if status == 4:
         raise ValueError("static int8 input scale must be finite and non-negative")
+    if status == 6:
+        raise ValueError(f"the INT8 CPU kernel takes at most {INT8_KERNEL_MAX_K} input features")
     if status == 1:
         raise MemoryError(f"{function} could not allocate its buffers")
     if status != 0:
@@ -285,5 +294,5 @@ def has_int8_gemm() -> bool:
     return library is not None and library.has_int8_gemm
 
 
-__all__ = ["INT8_ACTIVATIONS", "Int8Weight", "Lut4Weight", "cache_dir", "dequantize", "has_int8_gemm", "int8_linear",
-           "int8_linear_many", "linear", "load"]
+__all__ = ["INT8_ACTIVATIONS", "INT8_KERNEL_MAX_K", "Int8Weight", "Lut4Weight", "cache_dir", "dequantize",
+           "has_int8_gemm", "int8_linear", "int8_linear_many", "linear", "load"]

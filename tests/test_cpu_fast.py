@@ -781,6 +781,47 @@ def test_avx2_int8_kernel_extreme_codes_and_magnitudes(avx2_int8_calls):
 
 
 @needs_native_int8
+@pytest.mark.parametrize("m", [6, 13, 1], ids=["full-tiles", "tile-tail", "one-row"])
+def test_avx2_int8_kernel_is_exact_where_byte_pair_sums_overflow(m, avx2_int8_calls):
+    """Weights whose code pairs overflow int16 in every arrangement the kernel can choose (same-sign and opposite-
+    sign pairs of large codes side by side in one panel), against tokens whose codes are ±127 with the signs that
+    make each product as large as it gets: the sums must still be exact."""
+    k, n = 203, 37
+    g = torch.Generator().manual_seed(m)
+    magnitude = torch.randint(100, 128, (n, k), generator=g)
+    sign = torch.where(torch.rand(n, k, generator=g) < 0.5, -1, 1)
+    sign[0::2, 1::2] = sign[0::2, 0::2][:, : k // 2]  # even columns: each pair the same sign
+    sign[1::2, 1::2] = -sign[1::2, 0::2][:, : k // 2]  # odd columns: each pair of opposite signs
+    weight = (magnitude * sign).to(torch.int8)
+    x = torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0) * 2.0
+    x[0] = weight[0].float().sign() * 2.0  # every product +127 * |w|: the largest sum column 0 can have
+    if m > 1:
+        x[1] = -weight[1].float().sign() * 2.0  # the most negative sum of column 1
+    weight_scale = torch.rand(n, generator=g) * 1e-2
+    bias = torch.randn(n, generator=g)
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, bias, None, "int8", "token")
+    assert len(avx2_int8_calls) == 1
+    assert torch.equal(got, _integer_formula(x, weight, weight_scale, bias, None, "token"))
+    # hand-checked: row 0's codes are 127 · sign(w[0]), so column 0 sums to 127 · sum |w[0]|
+    want = (127.0 * weight[0].abs().sum().float()) * weight_scale[0] * (torch.tensor(2.0) / 127) + bias[0]
+    assert got[0, 0] == want
+
+
+def test_avx2_int8_kernel_takes_no_more_input_features_than_its_sums_hold(avx2_int8_calls, int_mm_calls):
+    k = native.INT8_KERNEL_MAX_K + 1
+    weight = torch.full((2, k), 127, dtype=torch.int8)
+    x = torch.full((1, k), 1.0)
+    weight_scale = torch.tensor([[1e-3], [2e-3]])
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert not avx2_int8_calls  # the reference ran, not the kernel (float32 sums of the dequantized values)
+    # a float32 sum of K equal terms: relative error up to K · 2^-24
+    assert _rel(got, _integer_formula(x, weight, weight_scale, None, None, "token")) <= k * 2**-24
+    if native.has_int8_gemm():
+        with pytest.raises(ValueError, match="at most 65536 input features"):
+            native.Int8Weight(native.load(), weight, weight_scale)
+
+
+@needs_native_int8
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("static", [None, 0.1], ids=["dynamic", "static"])
 @pytest.mark.parametrize("column", [4, 37], ids=["vector-part", "tail"])
