@@ -15,8 +15,8 @@ What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 V
   after it fused into the call): `backend="quant"` always, `torch.compile(qm)` under inductor's freezing flag.
   All of this needs an INT8 dot-product instruction (AVX-512 VNNI, AVX-VNNI, AMX): without one the integer GEMMs
   are wrong (oneDNN) or far slower than float32 (`torch._int_mm`). x86 CPUs with AVX2 and no such instruction run
-  the C kernel of `native` instead (`int8_gemm.c`: the same quantization, an exact int16 multiply-add GEMM on a
-  weight packed once, the same scaling; 1.4-1.7x the float32 GEMM on MiniLM's shapes, 2.5-3.3x for one token),
+  the C kernel of `native` instead (`int8_gemm.c`: the same quantization, an exact GEMM from byte multiply-adds
+  on a weight packed once so that no int16 pair sum can overflow, the same scaling),
   eager and under inductor alike (the op is left whole, `takes_native_int8_gemm`); in graphs for inference a GELU or
   SiLU after such a layer runs in the same call (`int8_linear_activation`, placed by
   `qcompile.lowering.activation_fusion`), and layers reading one tensor share one call (`int8_linear_shared`, placed
