@@ -186,6 +186,10 @@ def dequantize(library: ctypes.CDLL, weight: Lut4Weight) -> Tensor:
     return w
 
 
+# The most input features the INT8 kernel takes: its int32 sums hold K products of up to 254 · 127 exactly.
+INT8_KERNEL_MAX_K = 65536
+
+
 class Int8Weight:
     """An [N, K] INT8 weight as `int8_gemm.c` reads it: panels of 16 output columns, each a list of steps over four
     k with the sign arrangement that keeps the kernel's int16 pair sums exact (its own 64-byte aligned copy, about
@@ -208,9 +212,6 @@ class Int8Weight:
         self.packed = self._buffer.data_ptr() + (-self._buffer.data_ptr()) % 64
         library.qc_int8_pack_weight(codes.data_ptr(), n, k, self.packed, threads)
 
-
-# The most input features the INT8 kernel takes: its int32 sums hold K products of up to 254 · 127 exactly.
-INT8_KERNEL_MAX_K = 65536
 
 # The activations the INT8 kernel applies to its outputs before storing them (its `activation` codes).
 INT8_ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2}
