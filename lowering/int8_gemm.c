@@ -153,17 +153,22 @@ static int quad_steps(const int8_t *w, int64_t N, int64_t K, int64_t p, int64_t 
     return steps;
 }
 
+/* The number of steps of panel p. */
+static int64_t panel_steps(const int8_t *w, int64_t N, int64_t K, int64_t p) {
+    int8_t main[QC_STEP_BYTES], extra[QC_STEP_BYTES];
+    int variant;
+    int64_t steps = 0;
+    for (int64_t q = 0; q < quads_of(K); ++q) steps += quad_steps(w, N, K, p, q, main, extra, &variant);
+    return steps;
+}
+
 /* Bytes of the packed form of an [N, K] int8 weight (what qc_int8_pack_weight writes); -1 when K > QC_MAX_K. */
 int64_t qc_int8_packed_bytes(const int8_t *w, int64_t N, int64_t K, int threads) {
     if (K > QC_MAX_K) return -1;
-    const int64_t NP = panels_of(N), KQ = quads_of(K);
+    const int64_t NP = panels_of(N);
     int64_t steps = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : steps)
-    for (int64_t p = 0; p < NP; ++p) {
-        int8_t main[QC_STEP_BYTES], extra[QC_STEP_BYTES];
-        int variant;
-        for (int64_t q = 0; q < KQ; ++q) steps += quad_steps(w, N, K, p, q, main, extra, &variant);
-    }
+    for (int64_t p = 0; p < NP; ++p) steps += panel_steps(w, N, K, p);
     int64_t at[3];
     return packed_layout(NP, steps, at);
 }
@@ -175,13 +180,7 @@ void qc_int8_pack_weight(const int8_t *w, int64_t N, int64_t K, void *out, int t
     head[0] = NP;
     int64_t *first_step = head + 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < NP; ++p) {
-        int8_t main[QC_STEP_BYTES], extra[QC_STEP_BYTES];
-        int variant;
-        int64_t steps = 0;
-        for (int64_t q = 0; q < KQ; ++q) steps += quad_steps(w, N, K, p, q, main, extra, &variant);
-        first_step[p + 1] = steps;
-    }
+    for (int64_t p = 0; p < NP; ++p) first_step[p + 1] = panel_steps(w, N, K, p);
     first_step[0] = 0;
     for (int64_t p = 0; p < NP; ++p) first_step[p + 1] += first_step[p];
     head[1] = first_step[NP];
