@@ -10,34 +10,38 @@
  * quantization of x (qc_int8_linear_many: q/k/v, gate/up).
  *
  * The integer sum is exact. AVX2's byte multiply-add, vpmaddubsw, multiplies unsigned by signed bytes and adds each
- * pair of products in saturating int16: fed u = q_x + 127 in [0, 254] against q_w, a pair u0 w0 + u1 w1 overflows
- * only where w0 and w1 have the same sign and |w0| + |w1| > 129 (254 * 129 = 32766). oneDNN's u8 x s8 kernels take
- * those wrong sums; this kernel arranges the weight so that no pair can overflow:
+ * pair of products in saturating int16. oneDNN's u8 x s8 kernels feed it shifted activations and take the wrong
+ * sums where a pair overflows; this kernel feeds it v = q_w + 128 in [0, 255] (unsigned) against the activation
+ * codes q_x in [-127, 127] (signed) and keeps every pair in range from the activation's side, where the risk is
+ * known when the row is quantized:
  *
- * - the second code of a pair may be stored negated, multiplied by 127 - q_x instead of 127 + q_x: the product is
- *   the same up to a constant, and a pair of opposite signs cannot overflow. The activation is stored in the four
- *   variants of each group of four codes (neither, the second, the fourth, or both negated), and every group of
- *   four k of a weight panel picks the variant in which the fewest of its 16 columns' pairs can overflow;
- * - a pair that can still overflow keeps its first code in that step and moves its second to an extra step (the
- *   same four k again, against zeros): on MiniLM's weights 11% of the steps;
- * - y_int = sum over steps of u . w_stored - 127 * sum of w_stored: the offset is removed once per column.
+ * - a pair q0 v0 + q1 v1 can leave int16 only if q0 and q1 have one sign and |q0| + |q1| > 128, i.e. |q0 + q1| >
+ *   128 (255 * 128 = 32640); such pairs are rare in real activations, since a row is scaled by its largest value:
+ *   0.5% of the pairs of MiniLM's layer inputs (per-token scales), 0.05% with SmoothQuant's static scales, 0.2% on
+ *   SmolLM2-135M;
+ * - the quantization moves the second code of each such pair out of the row's codes into a short list (fixups, one
+ *   per group of four k), which the micro-kernel multiplies by the same weight step after the main loop, alone in
+ *   its pair;
+ * - y_int = sum over k of q_x v - 128 * sum of q_x: the offset is removed once per row.
  *
- * Each product is at most 254 * 127 in magnitude, so the int32 sums are exact for K up to 2^31 / 32258 (QC_MAX_K).
+ * Each product is at most 127 * 255 in magnitude, so the int32 sums are exact for K up to 2^31 / 32385 (QC_MAX_K).
+ * The cost of the fixups depends on the input: ~1% of the steps on MiniLM, but ~6% for Gaussian rows (whose largest
+ * value is only ~3 standard deviations out) and up to half for uniformly spread codes.
  *
- * Layout: a weight panel holds 16 output columns as a list of steps, each one group of four k: the byte offset of
- * its activation variant, and 64 bytes of weight (two vectors of 8 columns x 4 codes). The activation is stored by
- * groups of 6 rows, [group][k / 4][row][variant][4 codes], so one step's six 32-bit broadcasts lie at fixed
- * distances from one address. The micro-kernel holds a 6 x 16 tile of int32 sums in 12 registers for the whole of K
- * (vpmaddubsw, vpmaddwd against ones, vpaddd per vector) and writes float32 outputs.
+ * Layout: a weight panel holds 16 output columns as K / 4 steps of 64 bytes (two vectors of 8 columns x 4 codes),
+ * exactly the INT8 bytes. The activation is stored by groups of 6 rows, [group][k / 4][row][4 codes], so one step's
+ * six 32-bit broadcasts lie at fixed distances from one address. The micro-kernel holds a 6 x 16 tile of int32 sums
+ * in 12 registers for the whole of K (vpmaddubsw, vpmaddwd against ones, vpaddd per vector) and writes float32
+ * outputs.
  *
  * Speed: a step is 24 multiply instructions (vpmaddubsw, vpmaddwd) and 12 additions for 384 multiply-adds, where
- * the int16 form this replaced (vpmaddwd + vpaddd per 16 products) needs the same multiplies but 4 operations per
- * 32 products instead of 3. Measured on Zen 3 (one thread, data in L1): the tile loop runs at ~94 multiply-adds
- * per ns, the int16 one at ~78; and the weight takes one byte a code instead of two.
- * With MiniLM's 11% extra steps, its 36 layers in sequence ran 4-13% faster than the int16 kernel (2 threads,
- * round-robin, medians), and the model 6-7% faster per forward. Tried and dropped: the two other pairings of four
- * codes as further variants (12 in all) leave 2% extra steps, but the activation triples to 12 bytes a code and
- * the 36 layers ran 10-25% slower than with 4.
+ * an int16 form (vpmaddwd + vpaddd per 16 products) needs the same multiplies but 4 operations per 32 products
+ * instead of 3. Measured on Zen 3 (one thread, data in L1): the tile loop runs at ~94 multiply-adds per ns, the
+ * int16 one at ~78. Tried before this: keeping the pairs in range from the weight's side (each pair of a 16-column
+ * panel's codes stored as is or with its second code negated against four sign variants of the activation, pairs
+ * still at risk moved to extra steps): 11.5% extra steps on MiniLM's weights, whatever the input, and 4 bytes of
+ * activation a code; MiniLM's 36 layers (real inputs) ran 13% faster with the fixups (sum of per-layer minima, one
+ * thread), Gaussian inputs 1% slower.
  */
 #define _GNU_SOURCE /* posix_memalign; sysconf's cache sizes */
 #include <math.h>
@@ -51,13 +55,11 @@
 
 #define QC_NR 16                 /* output columns per weight panel */
 #define QC_MR 6                  /* activation rows per micro-kernel call (a row group) */
-#define QC_VARIANTS 4            /* stored sign variants of each group of four activation codes */
-#define QC_ROW_QUAD_BYTES (QC_VARIANTS * 4)            /* one row's variants of one group of four codes */
-#define QC_QUAD_BYTES (QC_MR * QC_ROW_QUAD_BYTES)      /* a row group's variants of one group of four codes */
-#define QC_STEP_BYTES (QC_NR * 4)                      /* one step of a weight panel */
-#define QC_OFFSET 127            /* u = 127 + q_x */
-#define QC_MAX_PAIR 129          /* |w0| + |w1| <= 129 keeps 254 * (|w0| + |w1|) inside int16 */
-#define QC_MAX_K 65536           /* K * 254 * 127 < 2^31 */
+#define QC_QUAD_BYTES (QC_MR * 4)                      /* a row group's codes of one group of four k */
+#define QC_STEP_BYTES (QC_NR * 4)                      /* a panel's codes of one group of four k */
+#define QC_OFFSET 128            /* v = 128 + q_w, in [0, 255] */
+#define QC_MAX_PAIR 128          /* |q0 + q1| <= 128 keeps 255 * |q0 + q1| inside int16 */
+#define QC_MAX_K 65536           /* K * 255 * 127 < 2^31 */
 #define QC_N_TILE 2              /* panels per task with few rows (32 output columns) */
 #define QC_TASKS_PER_THREAD 4    /* row groups per thread from which rows, not columns, are shared out */
 #ifndef QC_A_BLOCK_BYTES
@@ -71,7 +73,6 @@ static void *aligned_buffer(size_t bytes) {
 
 static int64_t quads_of(int64_t k) { return (k + 3) / 4; }
 static int64_t panels_of(int64_t n) { return (n + QC_NR - 1) / QC_NR; }
-static int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 /* 1 when this build has the kernel (the compiler targeted a CPU with AVX2), else 0. */
 int qc_int8_available(void) {
@@ -82,131 +83,46 @@ int qc_int8_available(void) {
 #endif
 }
 
-/* The packed weight: [int64 panels, steps][int64 first step of each panel, NP + 1] | int32 offset sums 127 * sum of
- * the stored codes per column [NP * 16] | int32 activation offset per step | int8 codes [steps][64]; each part
- * 64-byte aligned. */
+/* The packed weight: [int64 panels, groups of four k] padded to 64 bytes | uint8 v = 128 + q_w, [panels][K / 4]
+ * [16 columns][4 k] (zeros of q_w past N and K). */
 typedef struct {
-    int64_t panels, steps;
-    const int64_t *first_step;
-    const int32_t *column_offset;
-    const int32_t *step_offset;
-    const int8_t *codes;
+    int64_t panels, quads;
+    const uint8_t *codes;
 } packed_weight;
 
-static int64_t packed_layout(int64_t NP, int64_t steps, int64_t at[3]) {
-    at[0] = align64((int64_t)sizeof(int64_t) * (2 + NP + 1));
-    at[1] = at[0] + align64((int64_t)sizeof(int32_t) * NP * QC_NR);
-    at[2] = at[1] + align64((int64_t)sizeof(int32_t) * steps);
-    return at[2] + steps * QC_STEP_BYTES;
-}
+#define QC_HEADER_BYTES 64
 
 static packed_weight packed_view(const void *packed) {
     const int64_t *head = packed;
-    int64_t at[3];
-    packed_layout(head[0], head[1], at);
-    const char *base = packed;
-    packed_weight view = {head[0], head[1], head + 2, (const int32_t *)(base + at[0]),
-                          (const int32_t *)(base + at[1]), (const int8_t *)(base + at[2])};
+    packed_weight view = {head[0], head[1], (const uint8_t *)packed + QC_HEADER_BYTES};
     return view;
 }
 
-static int overflows(int w0, int w1) { return w0 * w1 > 0 && abs(w0) + abs(w1) > QC_MAX_PAIR; }
-
-/* Panel p's group of four k number `quad` as steps: the main step (codes in `main`, its variant in *variant) and,
- * where some pair could overflow in every variant, an extra one (`extra`, variant 0). Returns the step count, 1 or
- * 2. `main` and `extra` hold 16 columns x 4 codes. */
-static int quad_steps(const int8_t *w, int64_t N, int64_t K, int64_t p, int64_t quad, int8_t main[QC_STEP_BYTES],
-                      int8_t extra[QC_STEP_BYTES], int *variant) {
-    int codes[QC_NR][4];
-    for (int c = 0; c < QC_NR; ++c)
-        for (int t = 0; t < 4; ++t) {
-            const int64_t n = p * QC_NR + c, k = 4 * quad + t;
-            codes[c][t] = (n < N && k < K) ? w[n * K + k] : 0;
-        }
-    /* the two pairs of the group choose their sign independently: the one with fewer pairs that could overflow */
-    int negate[2];
-    for (int pair = 0; pair < 2; ++pair) {
-        int as_is = 0, negated = 0;
-        for (int c = 0; c < QC_NR; ++c) {
-            as_is += overflows(codes[c][2 * pair], codes[c][2 * pair + 1]);
-            negated += overflows(codes[c][2 * pair], -codes[c][2 * pair + 1]);
-        }
-        negate[pair] = negated < as_is;
-    }
-    *variant = negate[0] | (negate[1] << 1);
-    int steps = 1;
-    memset(extra, 0, QC_STEP_BYTES);
-    for (int c = 0; c < QC_NR; ++c)
-        for (int pair = 0; pair < 2; ++pair) {
-            const int first = codes[c][2 * pair], second = negate[pair] ? -codes[c][2 * pair + 1]
-                                                                         : codes[c][2 * pair + 1];
-            main[c * 4 + 2 * pair] = (int8_t)first;
-            if (overflows(first, second)) {
-                /* alone in its pair (against a zero) a product cannot overflow */
-                main[c * 4 + 2 * pair + 1] = 0;
-                extra[c * 4 + 2 * pair + 1] = (int8_t)codes[c][2 * pair + 1];
-                steps = 2;
-            } else {
-                main[c * 4 + 2 * pair + 1] = (int8_t)second;
-            }
-        }
-    return steps;
-}
-
-/* The number of steps of panel p. */
-static int64_t panel_steps(const int8_t *w, int64_t N, int64_t K, int64_t p) {
-    int8_t main[QC_STEP_BYTES], extra[QC_STEP_BYTES];
-    int variant;
-    int64_t steps = 0;
-    for (int64_t q = 0; q < quads_of(K); ++q) steps += quad_steps(w, N, K, p, q, main, extra, &variant);
-    return steps;
-}
-
 /* Bytes of the packed form of an [N, K] int8 weight (what qc_int8_pack_weight writes); -1 when K > QC_MAX_K. */
-int64_t qc_int8_packed_bytes(const int8_t *w, int64_t N, int64_t K, int threads) {
+int64_t qc_int8_packed_bytes(int64_t N, int64_t K) {
     if (K > QC_MAX_K) return -1;
-    const int64_t NP = panels_of(N);
-    int64_t steps = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : steps)
-    for (int64_t p = 0; p < NP; ++p) steps += panel_steps(w, N, K, p);
-    int64_t at[3];
-    return packed_layout(NP, steps, at);
+    return QC_HEADER_BYTES + panels_of(N) * quads_of(K) * QC_STEP_BYTES;
 }
 
-/* w int8 [N, K] row-major -> the packed form, in `out` of qc_int8_packed_bytes bytes, 64-byte aligned. */
+/* w int8 [N, K] row-major -> the packed form, in `out` of qc_int8_packed_bytes bytes,
+ * 64-byte aligned. */
 void qc_int8_pack_weight(const int8_t *w, int64_t N, int64_t K, void *out, int threads) {
     const int64_t NP = panels_of(N), KQ = quads_of(K);
     int64_t *head = out;
+    memset(out, 0, QC_HEADER_BYTES);
     head[0] = NP;
-    int64_t *first_step = head + 2;
+    head[1] = KQ;
+    uint8_t *codes = (uint8_t *)out + QC_HEADER_BYTES;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < NP; ++p) first_step[p + 1] = panel_steps(w, N, K, p);
-    first_step[0] = 0;
-    for (int64_t p = 0; p < NP; ++p) first_step[p + 1] += first_step[p];
-    head[1] = first_step[NP];
-    int64_t at[3];
-    packed_layout(NP, head[1], at);
-    int32_t *column_offset = (int32_t *)((char *)out + at[0]);
-    int32_t *step_offset = (int32_t *)((char *)out + at[1]);
-    int8_t *codes = (int8_t *)((char *)out + at[2]);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < NP; ++p) {
-        int8_t main[QC_STEP_BYTES], extra[QC_STEP_BYTES];
-        int64_t s = first_step[p];
-        int32_t sums[QC_NR] = {0};
+    for (int64_t p = 0; p < NP; ++p)
         for (int64_t q = 0; q < KQ; ++q) {
-            int variant;
-            const int steps = quad_steps(w, N, K, p, q, main, extra, &variant);
-            for (int t = 0; t < steps; ++t) {
-                const int8_t *step = t == 0 ? main : extra;
-                memcpy(codes + s * QC_STEP_BYTES, step, QC_STEP_BYTES);
-                step_offset[s] = (int32_t)(q * QC_QUAD_BYTES + (t == 0 ? variant : 0) * 4);
-                for (int i = 0; i < QC_STEP_BYTES; ++i) sums[i / 4] += step[i];
-                ++s;
-            }
+            uint8_t *step = codes + (p * KQ + q) * QC_STEP_BYTES;
+            for (int c = 0; c < QC_NR; ++c)
+                for (int t = 0; t < 4; ++t) {
+                    const int64_t n = p * QC_NR + c, k = 4 * q + t;
+                    step[c * 4 + t] = (uint8_t)(QC_OFFSET + ((n < N && k < K) ? w[n * K + k] : 0));
+                }
         }
-        for (int c = 0; c < QC_NR; ++c) column_offset[p * QC_NR + c] = QC_OFFSET * sums[c];
-    }
 }
 
 #if defined(__AVX2__)
@@ -337,11 +253,9 @@ static int row_amax(const float *x, int64_t K, float *amax) {
     return !_mm256_testz_si256(bad, bad) || best >= 0x7F800000;
 }
 
-/* Codes of x[k .. k + 16) (zeros past K) as u = 127 + q in bytes, q = clamp(round_half_even(x / scale), -127, 127):
- * *plus, and 127 - q: *minus. */
-static inline void codes16(const float *x, int64_t k, int64_t K, __m256 scale, __m128i *plus, __m128i *minus) {
+/* Codes of x[k .. k + 16) (zeros past K), q = clamp(round_half_even(x / scale), -127, 127), as 16 int16 in order. */
+static inline __m256i codes16(const float *x, int64_t k, int64_t K, __m256 scale) {
     const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-    const __m128i offset = _mm_set1_epi16(QC_OFFSET);
     __m256 a, b;
     if (k + 16 <= K) {
         a = _mm256_loadu_ps(x + k);
@@ -357,38 +271,75 @@ static inline void codes16(const float *x, int64_t k, int64_t K, __m256 scale, _
     a = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
     b = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
     /* packs interleaves 128-bit halves; the permute puts the 16 codes back in order */
-    const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b)), 0xD8);
-    const __m128i q_lo = _mm256_castsi256_si128(q), q_hi = _mm256_extracti128_si256(q, 1);
-    *plus = _mm_packus_epi16(_mm_add_epi16(q_lo, offset), _mm_add_epi16(q_hi, offset));
-    *minus = _mm_packus_epi16(_mm_sub_epi16(offset, q_lo), _mm_sub_epi16(offset, q_hi));
+    return _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b)), 0xD8);
 }
 
-/* A row group of x (`rows` <= 6 rows of K, row scales `scale`) -> its codes in the layout the micro-kernel reads:
- * for each four k, each row's four variants (see the top of this file) of u = 127 + q; rows past `rows` as zeros.
- * Two rows at a time, so each store writes two rows' 32 adjacent bytes. */
-static void quantize_group(const float *x, int64_t K, int rows, const float *scale, uint8_t *out) {
-    /* bytes taken from 127 - q: the second code in variant 1, the fourth in 2, both in 3 (for each of two rows) */
-    const __m256i negated = _mm256_setr_epi8(0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, -1, 0, -1, 0, -1,
-                                             0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, -1, 0, -1, 0, -1);
+/* A code moved out of the main product: the row's four codes of group `quad` that the main steps left out (the
+ * others zero), multiplied by the same weight step after them. */
+typedef struct {
+    int32_t quad;
+    int32_t codes;
+} fixup;
+
+/* q: 16 codes from group of four k `quad0` on, and `risky`, all ones in the int32 lanes of its pairs (k even,
+ * k + 1) with |q0 + q1| > QC_MAX_PAIR, whose products could overflow int16 against some weight: the second code of
+ * each such pair moves to the row's fixups (at fixups[*count], one per group of four k) and is zeroed in q. */
+static __m256i move_risky_codes(__m256i q, __m256i risky, int64_t quad0, fixup *fixups, int32_t *count) {
+    const __m256i second = _mm256_and_si256(risky, _mm256_set1_epi32((int32_t)0xFFFF0000));
+    const __m256i moved = _mm256_and_si256(q, second);
+    int32_t four[4];
+    _mm_storeu_si128((__m128i *)four, _mm_packs_epi16(_mm256_castsi256_si128(moved),
+                                                      _mm256_extracti128_si256(moved, 1)));
+    const int pairs = _mm256_movemask_ps(_mm256_castsi256_ps(risky));
+    for (int j = 0; j < 4; ++j)
+        if ((pairs >> (2 * j)) & 3) fixups[(*count)++] = (fixup){(int32_t)(quad0 + j), four[j]};
+    return _mm256_andnot_si256(second, q);
+}
+
+static int32_t sum_lanes(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* A row group of x (`rows` <= 6 rows of K, row scales `scale`) -> its codes in the layout the micro-kernel reads,
+ * [K / 4][row][4 codes], rows past `rows` as zeros; per row, 128 * the sum of its codes (row_offset) and the codes
+ * moved out of pairs that could overflow (fixups, KQ a row; their number in fixup_count). Two rows at a time, so
+ * each store writes two rows' 8 adjacent bytes. */
+static void quantize_group(const float *x, int64_t K, int rows, const float *scale, int8_t *out, int32_t *row_offset,
+                           fixup *fixups, int32_t *fixup_count) {
     const int64_t KQ = quads_of(K);
+    const __m256i ones = _mm256_set1_epi16(1), max_pair = _mm256_set1_epi32(QC_MAX_PAIR);
     for (int r = 0; r < QC_MR; r += 2) {
-        const float *x0 = x + r * K, *x1 = x + (r + 1) * K;
-        const __m256 s0 = _mm256_set1_ps(r < rows ? scale[r] : 1.0f);
-        const __m256 s1 = _mm256_set1_ps(r + 1 < rows ? scale[r + 1] : 1.0f);
+        __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        int32_t count[2] = {0, 0};
         for (int64_t k = 0; k < 4 * KQ; k += 16) {
-            __m128i plus0, minus0, plus1, minus1;
-            codes16(x0, k, r < rows ? K : 0, s0, &plus0, &minus0);
-            codes16(x1, k, r + 1 < rows ? K : 0, s1, &plus1, &minus1);
-            const __m256i plus = _mm256_set_m128i(plus1, plus0), minus = _mm256_set_m128i(minus1, minus0);
-            uint8_t *quad = out + (k / 4) * QC_QUAD_BYTES + r * QC_ROW_QUAD_BYTES;
+            __m128i bytes[2];
+            for (int i = 0; i < 2; ++i) {
+                const int live = r + i < rows;
+                __m256i q = codes16(x + (r + i) * K, k, live ? K : 0, _mm256_set1_ps(live ? scale[r + i] : 1.0f));
+                /* |q0 + q1| = |q0| + |q1| where the two have one sign: the pairs whose products could reach
+                 * 255 * 129 against weights of that sign */
+                const __m256i pair = _mm256_madd_epi16(q, ones);
+                sum[i] = _mm256_add_epi32(sum[i], pair);
+                const __m256i risky = _mm256_cmpgt_epi32(_mm256_abs_epi32(pair), max_pair);
+                if (!_mm256_testz_si256(risky, risky))
+                    q = move_risky_codes(q, risky, k / 4, fixups + (r + i) * KQ, &count[i]);
+                bytes[i] = _mm_packs_epi16(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+            }
+            const __m128i quads01 = _mm_unpacklo_epi32(bytes[0], bytes[1]);
+            const __m128i quads23 = _mm_unpackhi_epi32(bytes[0], bytes[1]);
+            int8_t *quad = out + (k / 4) * QC_QUAD_BYTES + r * 4;
             const int64_t quads = KQ - k / 4 < 4 ? KQ - k / 4 : 4;
-#define QC_VARIANTS_OF(j, control)                                                                               \
-    if ((j) < quads)                                                                                             \
-        _mm256_storeu_si256((__m256i *)(quad + (j) * QC_QUAD_BYTES),                                             \
-                            _mm256_blendv_epi8(_mm256_shuffle_epi32(plus, control),                              \
-                                               _mm256_shuffle_epi32(minus, control), negated));
-            QC_VARIANTS_OF(0, 0x00) QC_VARIANTS_OF(1, 0x55) QC_VARIANTS_OF(2, 0xAA) QC_VARIANTS_OF(3, 0xFF)
-#undef QC_VARIANTS_OF
+            _mm_storel_epi64((__m128i *)quad, quads01);
+            if (quads > 1) _mm_storeh_pd((double *)(quad + QC_QUAD_BYTES), _mm_castsi128_pd(quads01));
+            if (quads > 2) _mm_storel_epi64((__m128i *)(quad + 2 * QC_QUAD_BYTES), quads23);
+            if (quads > 3) _mm_storeh_pd((double *)(quad + 3 * QC_QUAD_BYTES), _mm_castsi128_pd(quads23));
+        }
+        for (int i = 0; i < 2; ++i) {
+            row_offset[r + i] = QC_OFFSET * sum_lanes(sum[i]);
+            fixup_count[r + i] = count[i];
         }
     }
 }
@@ -397,25 +348,22 @@ static const int16_t qc_ones[16] __attribute__((aligned(32))) = {1, 1, 1, 1, 1, 
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define QC_ASM_TILE 1
-/* One row of the full tile for one step: broadcast the row's four codes (at `disp` from the step's variant), then
- * per panel vector (ymm12, ymm13) vpmaddubsw, vpmaddwd against ones, vpaddd into the row's two sums. */
+/* One row of the full tile for one step: broadcast the row's four codes (at `disp` from the step's), then per
+ * panel vector (ymm12, ymm13) vpmaddubsw, vpmaddwd against ones, vpaddd into the row's two sums. */
 #define QC_TILE_ROW(disp, c0, c1)                             \
-    "vpbroadcastd " #disp "(%[step]), %%ymm14\n\t"            \
-    "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"                \
+    "vpbroadcastd " #disp "(%[group]), %%ymm14\n\t"           \
+    "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t"                \
     "vpmaddwd (%[ones]), %%ymm15, %%ymm15\n\t"                \
     "vpaddd %%ymm15, %%" c0 ", %%" c0 "\n\t"                  \
-    "vpmaddubsw %%ymm13, %%ymm14, %%ymm14\n\t"                \
+    "vpmaddubsw %%ymm14, %%ymm13, %%ymm14\n\t"                \
     "vpmaddwd (%[ones]), %%ymm14, %%ymm14\n\t"                \
     "vpaddd %%ymm14, %%" c1 ", %%" c1 "\n\t"
 
-/* The int32 sums (offset included) of a full tile: a row group (at `group`) times `n` >= 1 steps of a panel
- * (activation offsets `offsets`, codes `codes`), into sums[6][16]. Written in assembly because compilers spill
- * some of the 12 sums: this loop keeps them in ymm0-11 and the step's two weight vectors in ymm12-13. */
-static void full_tile_sums(const uint8_t *group, const int32_t *offsets, const int8_t *codes, int64_t n,
-                           int32_t sums[QC_MR][16]) {
+/* The int32 sums (offset included) of a full tile: a row group (at `group`) times `n` >= 1 steps of a panel (at
+ * `codes`), into sums[6][16]. Written in assembly because compilers spill some of the 12 sums: this loop keeps them
+ * in ymm0-11 and the step's two weight vectors in ymm12-13. */
+static void full_tile_sums(const int8_t *group, const uint8_t *codes, int64_t n, int32_t sums[QC_MR][16]) {
     const char *panel = (const char *)codes;
-    const int32_t *offset = offsets;
-    int64_t step;
     __asm__ volatile(
         "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
         "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
@@ -430,17 +378,15 @@ static void full_tile_sums(const uint8_t *group, const int32_t *offsets, const i
         "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
         "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
         "1:\n\t"
-        "movslq (%[offset]), %[step]\n\t"
-        "add %[group], %[step]\n\t"
         "vmovdqa (%[panel]), %%ymm12\n\t"
         "vmovdqa 32(%[panel]), %%ymm13\n\t"
         QC_TILE_ROW(0, "ymm0", "ymm1")
-        QC_TILE_ROW(16, "ymm2", "ymm3")
-        QC_TILE_ROW(32, "ymm4", "ymm5")
-        QC_TILE_ROW(48, "ymm6", "ymm7")
-        QC_TILE_ROW(64, "ymm8", "ymm9")
-        QC_TILE_ROW(80, "ymm10", "ymm11")
-        "add $4, %[offset]\n\t"
+        QC_TILE_ROW(4, "ymm2", "ymm3")
+        QC_TILE_ROW(8, "ymm4", "ymm5")
+        QC_TILE_ROW(12, "ymm6", "ymm7")
+        QC_TILE_ROW(16, "ymm8", "ymm9")
+        QC_TILE_ROW(20, "ymm10", "ymm11")
+        "add $24, %[group]\n\t"
         "add $64, %[panel]\n\t"
         "dec %[n]\n\t"
         "jnz 1b\n\t"
@@ -456,27 +402,38 @@ static void full_tile_sums(const uint8_t *group, const int32_t *offsets, const i
         "vmovdqu %%ymm9, 288(%[sums])\n\t"
         "vmovdqu %%ymm10, 320(%[sums])\n\t"
         "vmovdqu %%ymm11, 352(%[sums])\n\t"
-        : [offset] "+r"(offset), [panel] "+r"(panel), [n] "+r"(n), [step] "=&r"(step)
-        : [group] "r"(group), [sums] "r"(&sums[0][0]), [ones] "r"(qc_ones)
+        : [group] "+r"(group), [panel] "+r"(panel), [n] "+r"(n)
+        : [sums] "r"(&sums[0][0]), [ones] "r"(qc_ones)
         : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
           "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
 }
 #undef QC_TILE_ROW
 #endif
 
-/* y[rows][16 columns of panel p] = scaled (row group at `group`) . (the panel's steps): the int32 sums stay in
- * registers for the whole of K, then become float32 outputs. `cols` (<= 16) columns are stored. */
-static inline void micro_kernel(const uint8_t *group, int rows, const packed_weight *w, int64_t p,
-                                const float *row_scale, const float *col_scale, const float *bias, int activation,
-                                float *y, int64_t ldy, int cols) {
-    const int64_t s0 = w->first_step[p], n = w->first_step[p + 1] - s0;
-    const int32_t *offsets = w->step_offset + s0;
-    const int8_t *codes = w->codes + s0 * QC_STEP_BYTES;
+/* A row group's codes and what goes with them: per row its scale, 128 * the sum of its codes, and the codes moved
+ * out of the main product (fixups, `stride` a row, fixup_count of them). */
+typedef struct {
+    const int8_t *codes;
+    const float *scale;
+    const int32_t *offset;
+    const fixup *fixups;
+    const int32_t *fixup_count;
+    int64_t stride;
+} row_group;
+
+/* y[rows][16 columns of panel p] = scaled (row group a) . (the panel's steps): the int32 sums stay in registers
+ * for the whole of K, then become float32 outputs. `cols` (<= 16) columns are stored. */
+static inline void micro_kernel(const row_group *a, int rows, const packed_weight *w, int64_t p,
+                                const float *col_scale, const float *bias, int activation, float *y, int64_t ldy,
+                                int cols) {
+    const int64_t n = w->quads;
+    const uint8_t *codes = w->codes + p * n * QC_STEP_BYTES;
+    const __m256i ones = _mm256_load_si256((const __m256i *)qc_ones);
     __m256i c[QC_MR][2];
 #if defined(QC_ASM_TILE)
     if (rows == QC_MR && n > 0) {
         int32_t sums[QC_MR][16] __attribute__((aligned(32)));
-        full_tile_sums(group, offsets, codes, n, sums);
+        full_tile_sums(a->codes, codes, n, sums);
         for (int r = 0; r < QC_MR; ++r) {
             c[r][0] = _mm256_load_si256((const __m256i *)sums[r]);
             c[r][1] = _mm256_load_si256((const __m256i *)(sums[r] + 8));
@@ -484,33 +441,41 @@ static inline void micro_kernel(const uint8_t *group, int rows, const packed_wei
     } else
 #endif
     {
-        const __m256i ones = _mm256_load_si256((const __m256i *)qc_ones);
         for (int r = 0; r < QC_MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
         for (int64_t s = 0; s < n; ++s) {
             const __m256i b0 = _mm256_load_si256((const __m256i *)(codes + s * QC_STEP_BYTES));
             const __m256i b1 = _mm256_load_si256((const __m256i *)(codes + s * QC_STEP_BYTES + 32));
-            const uint8_t *step = group + offsets[s];
+            const int8_t *step = a->codes + s * QC_QUAD_BYTES;
 #define QC_ROW(r)                                                                                          \
     if ((r) < rows) {                                                                                      \
         int32_t four;                                                                                      \
-        memcpy(&four, step + (r) * QC_ROW_QUAD_BYTES, sizeof four);                                        \
+        memcpy(&four, step + 4 * (r), sizeof four);                                                        \
         const __m256i av = _mm256_set1_epi32(four);                                                        \
-        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));        \
-        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));        \
+        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(b0, av), ones));        \
+        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b1, av), ones));        \
     }
             QC_ROW(0) QC_ROW(1) QC_ROW(2) QC_ROW(3) QC_ROW(4) QC_ROW(5)
 #undef QC_ROW
         }
     }
-    const int32_t *column_offset = w->column_offset + p * QC_NR;
-    const __m256i offset0 = _mm256_loadu_si256((const __m256i *)column_offset);
-    const __m256i offset1 = _mm256_loadu_si256((const __m256i *)(column_offset + 8));
+    /* the codes moved out of pairs that could overflow, each against its step's weights (alone in its pair now) */
+    for (int r = 0; r < rows; ++r)
+        for (int32_t e = 0; e < a->fixup_count[r]; ++e) {
+            const fixup f = a->fixups[r * a->stride + e];
+            const uint8_t *step = codes + (int64_t)f.quad * QC_STEP_BYTES;
+            const __m256i av = _mm256_set1_epi32(f.codes);
+            const __m256i b0 = _mm256_load_si256((const __m256i *)step);
+            const __m256i b1 = _mm256_load_si256((const __m256i *)(step + 32));
+            c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(b0, av), ones));
+            c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b1, av), ones));
+        }
     __m256 out[QC_MR][2];
     if (rows < QC_MR) memset(out, 0, sizeof out); /* the activation runs on whole groups of vectors */
     for (int r = 0; r < rows; ++r) {
-        const __m256 sx = _mm256_set1_ps(row_scale[r]);
+        const __m256 sx = _mm256_set1_ps(a->scale[r]);
+        const __m256i offset = _mm256_set1_epi32(a->offset[r]);
         for (int h = 0; h < 2; ++h) {
-            const __m256i exact = _mm256_sub_epi32(c[r][h], h ? offset1 : offset0);
+            const __m256i exact = _mm256_sub_epi32(c[r][h], offset);
             /* (acc * s_w) * s_x + bias, each step rounded to float32 as in int8_linear_int_mm */
             __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), _mm256_loadu_ps(col_scale + 8 * h));
             v = _mm256_mul_ps(v, sx);
@@ -533,15 +498,26 @@ static inline void micro_kernel(const uint8_t *group, int rows, const packed_wei
     }
 }
 
+/* The quantized activation: row groups of group_bytes codes, and per row (M rounded up to whole groups) the scale,
+ * 128 * the sum of codes, and the fixups (quads a row) with their count. */
+typedef struct {
+    int8_t *codes;
+    int64_t group_bytes, quads;
+    float *scale;
+    int32_t *offset;
+    fixup *fixups;
+    int32_t *fixup_count;
+} quantized_rows;
+
 /* Row group g (6 rows) times weight panel p (16 columns), into y. */
-static inline void multiply_tile(const uint8_t *a, int64_t group_bytes, int64_t M, int64_t g, const packed_weight *w,
-                                 int64_t N, int64_t p, const float *row_scale, const float *col_scale,
-                                 const float *bias, int activation, float *y) {
+static inline void multiply_tile(const quantized_rows *x, int64_t M, int64_t g, const packed_weight *w, int64_t N,
+                                 int64_t p, const float *col_scale, const float *bias, int activation, float *y) {
     const int64_t m = g * QC_MR, n = p * QC_NR;
     const int rows = (int)(M - m < QC_MR ? M - m : QC_MR);
     const int cols = (int)(N - n < QC_NR ? N - n : QC_NR);
-    micro_kernel(a + g * group_bytes, rows, w, p, row_scale + m, col_scale + n, bias ? bias + n : NULL, activation,
-                 y + m * N + n, N, cols);
+    const row_group a = {x->codes + g * x->group_bytes, x->scale + m, x->offset + m, x->fixups + m * x->quads,
+                         x->fixup_count + m, x->quads};
+    micro_kernel(&a, rows, w, p, col_scale + n, bias ? bias + n : NULL, activation, y + m * N + n, N, cols);
 }
 #endif
 
@@ -557,11 +533,9 @@ static int64_t activation_block_bytes(void) {
     return QC_A_BLOCK_BYTES;
 }
 
-/* y [M, N] = the activation a (row groups of group_bytes; scales row_scale) times one packed weight, scaled, plus
- * bias, through the activation. Returns 0, or 1 when a buffer could not be allocated. */
-static int multiply_codes(const uint8_t *a, int64_t group_bytes, const float *row_scale, int64_t M,
-                          const void *packed, int64_t N, const float *weight_scale, const float *bias, int activation,
-                          float *y, int threads) {
+/* y [M, N] = the quantized activation x times one packed weight, scaled, plus bias, through the activation. Returns 0, or 1 when a buffer could not be allocated. */
+static int multiply_codes(const quantized_rows *x, int64_t M, const void *packed, int64_t N,
+                          const float *weight_scale, const float *bias, int activation, float *y, int threads) {
     const packed_weight w = packed_view(packed);
     const int64_t NP = w.panels;
     /* scales and bias padded to whole panels, so the micro-kernel loads 16 of each */
@@ -580,7 +554,7 @@ static int multiply_codes(const uint8_t *a, int64_t group_bytes, const float *ro
          * panel stays in L1/L2 while the block's row groups pass over it); a thread takes a contiguous run of
          * blocks, so the weight is read from L3 once per block and the activation once. */
         const int64_t block_bytes = activation_block_bytes();
-        int64_t blocks = (row_groups * group_bytes + block_bytes - 1) / block_bytes;
+        int64_t blocks = (row_groups * x->group_bytes + block_bytes - 1) / block_bytes;
         blocks = (blocks + threads - 1) / threads * threads;
         const int64_t block_groups = (row_groups + blocks - 1) / blocks;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -589,8 +563,7 @@ static int multiply_codes(const uint8_t *a, int64_t group_bytes, const float *ro
             const int64_t g1 = g0 + block_groups < row_groups ? g0 + block_groups : row_groups;
             for (int64_t p = 0; p < NP; ++p)
                 for (int64_t g = g0; g < g1; ++g)
-                    multiply_tile(a, group_bytes, M, g, &w, N, p, row_scale, col_scale_pad, bias ? bias_pad : NULL,
-                                  activation, y);
+                    multiply_tile(x, M, g, &w, N, p, col_scale_pad, bias ? bias_pad : NULL, activation, y);
         }
     } else {
         /* Few rows (decode steps): the weight panels are shared out, every thread reads its own part of them. */
@@ -600,8 +573,7 @@ static int multiply_codes(const uint8_t *a, int64_t group_bytes, const float *ro
             const int64_t p1 = (task + 1) * QC_N_TILE < NP ? (task + 1) * QC_N_TILE : NP;
             for (int64_t p = task * QC_N_TILE; p < p1; ++p)
                 for (int64_t g = 0; g < row_groups; ++g)
-                    multiply_tile(a, group_bytes, M, g, &w, N, p, row_scale, col_scale_pad, bias ? bias_pad : NULL,
-                                  activation, y);
+                    multiply_tile(x, M, g, &w, N, p, col_scale_pad, bias ? bias_pad : NULL, activation, y);
         }
     }
     free(col_scale_pad);
@@ -633,35 +605,41 @@ int qc_int8_linear_many(const float *x, int64_t M, int64_t K, const float *stati
         if (!(fixed_scale >= 0.0f) || isinf(fixed_scale)) return 4;
         if (fixed_scale == 0.0f) fixed_scale = 1.0f;
     }
-    const int64_t group_bytes = quads_of(K) * QC_QUAD_BYTES, row_groups = (M + QC_MR - 1) / QC_MR;
-    uint8_t *a = aligned_buffer((size_t)(row_groups * group_bytes));
-    float *row_scale = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
-    if (!a || !row_scale) {
-        free(a);
-        free(row_scale);
-        return 1;
-    }
-    int bad = 0;
-    /* one thread for a few rows (decode steps): waking the others costs more than the work */
+    const int64_t KQ = quads_of(K), row_groups = (M + QC_MR - 1) / QC_MR, rows = row_groups * QC_MR;
+    quantized_rows q = {aligned_buffer((size_t)(row_groups * KQ * QC_QUAD_BYTES)), KQ * QC_QUAD_BYTES, KQ,
+                        malloc((size_t)(rows > 0 ? rows : 1) * sizeof(float)),
+                        malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int32_t)),
+                        /* room for a fixup in every group of four k; pages that none reaches are never touched */
+                        malloc((size_t)(rows > 0 ? rows * KQ : 1) * sizeof(fixup)),
+                        malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int32_t))};
+    int status = 0;
+    if (!q.codes || !q.scale || !q.offset || !q.fixups || !q.fixup_count) {
+        status = 1;
+    } else {
+        int bad = 0;
+        /* one thread for a few rows (decode steps): waking the others costs more than the work */
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (M * K >= 16384)
-    for (int64_t g = 0; g < row_groups; ++g) {
-        const int rows = (int)(M - g * QC_MR < QC_MR ? M - g * QC_MR : QC_MR);
-        for (int r = 0; r < rows; ++r) {
-            const int64_t m = g * QC_MR + r;
-            float amax;
-            bad |= row_amax(x + m * K, K, &amax);
-            float s = static_scale ? fixed_scale : amax / 127.0f;
-            if (s == 0.0f) s = 1.0f;
-            row_scale[m] = s;
+        for (int64_t g = 0; g < row_groups; ++g) {
+            const int n_rows = (int)(M - g * QC_MR < QC_MR ? M - g * QC_MR : QC_MR);
+            float *scale = q.scale + g * QC_MR;
+            for (int r = 0; r < n_rows; ++r) {
+                float amax;
+                bad |= row_amax(x + (g * QC_MR + r) * K, K, &amax);
+                float s = static_scale ? fixed_scale : amax / 127.0f;
+                scale[r] = s == 0.0f ? 1.0f : s;
+            }
+            quantize_group(x + g * QC_MR * K, K, n_rows, scale, q.codes + g * q.group_bytes, q.offset + g * QC_MR,
+                           q.fixups + g * QC_MR * KQ, q.fixup_count + g * QC_MR);
         }
-        quantize_group(x + g * QC_MR * K, K, rows, row_scale + g * QC_MR, a + g * group_bytes);
+        status = bad ? 2 : 0;
+        for (int i = 0; i < count && status == 0; ++i)
+            status = multiply_codes(&q, M, packed[i], N[i], weight_scale[i], bias[i], activation[i], y[i], threads);
     }
-    int status = bad ? 2 : 0;
-    for (int i = 0; i < count && status == 0; ++i)
-        status = multiply_codes(a, group_bytes, row_scale, M, packed[i], N[i], weight_scale[i], bias[i],
-                                activation[i], y[i], threads);
-    free(a);
-    free(row_scale);
+    free(q.codes);
+    free(q.scale);
+    free(q.offset);
+    free(q.fixups);
+    free(q.fixup_count);
     return status;
 #endif
 }

@@ -5,8 +5,8 @@
   lookup per code (one AVX-512 permute per 16 codes) and a fused multiply-add, reading the packed bytes once per
   output row.
 - `int8_gemm.c`: INT8 × INT8 layers on x86 CPUs with AVX2 but no INT8 dot-product instruction, where oneDNN's
-  integer kernels saturate and `torch._int_mm` crawls: byte multiply-adds arranged so that no int16 pair sum can
-  overflow, exact in int32 (`Int8Weight`).
+  integer kernels saturate and `torch._int_mm` crawls: byte multiply-adds, exact in int32, the few activation codes
+  whose pair sums could overflow int16 multiplied apart (`Int8Weight`).
 
 It is compiled with the system C compiler (`cc`, or `$CC`) with `-O3 -march=native -fopenmp` into
 `$QCOMPILE_CACHE_DIR` (default `~/.cache/qcompile`), keyed by a hash of the source, the flags and the CPU, written
@@ -91,7 +91,7 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.qc_lut4_dequantize.restype = None
     library.qc_int8_available.argtypes = []
     library.qc_int8_available.restype = c_int
-    library.qc_int8_packed_bytes.argtypes = [p, i64, i64, c_int]
+    library.qc_int8_packed_bytes.argtypes = [i64, i64]
     library.qc_int8_packed_bytes.restype = i64
     library.qc_int8_pack_weight.argtypes = [p, i64, i64, p, c_int]
     library.qc_int8_pack_weight.restype = None
@@ -186,15 +186,14 @@ def dequantize(library: ctypes.CDLL, weight: Lut4Weight) -> Tensor:
     return w
 
 
-# The most input features the INT8 kernel takes: its int32 sums hold K products of up to 254 · 127 exactly.
+# The most input features the INT8 kernel takes: its int32 sums hold K products of up to 127 · 255 exactly.
 INT8_KERNEL_MAX_K = 65536
 
 
 class Int8Weight:
-    """An [N, K] INT8 weight as `int8_gemm.c` reads it: panels of 16 output columns, each a list of steps over four
-    k with the sign arrangement that keeps the kernel's int16 pair sums exact (its own 64-byte aligned copy, about
-    1.2x the INT8 bytes on MiniLM: extra steps and a 4-byte offset per step), and float32 scales per output
-    column. It keeps nothing of the tensors it was built from."""
+    """An [N, K] INT8 weight as `int8_gemm.c` reads it: panels of 16 output columns by four k, each code stored as
+    the unsigned byte code + 128 (its own 64-byte aligned copy, the INT8 bytes padded to whole panels), and float32
+    scales per output column. It keeps nothing of the tensors it was built from."""
 
     def __init__(self, library: ctypes.CDLL, weight: Tensor, weight_scale: Tensor):
         n, k = weight.shape
@@ -206,11 +205,9 @@ class Int8Weight:
         self.out_features, self.in_features = n, k
         self.scale = scale.expand(n).clone()
         codes = weight.detach().contiguous()
-        threads = torch.get_num_threads()
-        nbytes = library.qc_int8_packed_bytes(codes.data_ptr(), n, k, threads)
-        self._buffer = torch.empty(nbytes + 64, dtype=torch.uint8)
+        self._buffer = torch.empty(library.qc_int8_packed_bytes(n, k) + 64, dtype=torch.uint8)
         self.packed = self._buffer.data_ptr() + (-self._buffer.data_ptr()) % 64
-        library.qc_int8_pack_weight(codes.data_ptr(), n, k, self.packed, threads)
+        library.qc_int8_pack_weight(codes.data_ptr(), n, k, self.packed, torch.get_num_threads())
 
 
 # The activations the INT8 kernel applies to its outputs before storing them (its `activation` codes).

@@ -781,37 +781,54 @@ def test_avx2_int8_kernel_extreme_codes_and_magnitudes(avx2_int8_calls):
     assert torch.isfinite(got).all()
 
 
+def _pair_border_rows(k: int, g: torch.Generator) -> torch.Tensor:
+    """Rows of x whose codes are x itself (each row's largest |x| is 127, so its scale is 1), chosen around the
+    kernel's limit: a pair of codes (k even, k + 1) of one sign with |q0 + q1| > 128 would overflow int16 against
+    large weights of that sign (255 · 129 > 32767), and the kernel moves its second code out of the main product."""
+    pairs = k // 2
+
+    def from_pairs(first, second):
+        row = torch.stack([first, second], 1).reshape(-1)
+        row = torch.cat([row, torch.full((k - row.numel(),), 127.0)])
+        row[-1] = 127.0  # the row's largest value, whatever the pairs hold
+        return row
+
+    def tiled(values):
+        return torch.tensor(values, dtype=torch.float32).repeat(pairs)[:pairs]
+
+    return torch.stack([
+        torch.full((k,), 127.0),  # every pair over the limit
+        torch.full((k,), -127.0),
+        from_pairs(tiled([64.0, 1.0, -64.0, -127.0]), tiled([64.0, 127.0, -64.0, -1.0])),  # sums of ±128: kept
+        from_pairs(tiled([65.0, 2.0, -65.0, -127.0]), tiled([64.0, 127.0, -64.0, -2.0])),  # sums of ±129: moved
+        torch.where(torch.rand(k, generator=g) < 0.5, -127.0, 127.0),  # a mix, pairs of one sign and of both
+        torch.randint(-127, 128, (k,), generator=g).float(),  # uniformly spread codes: a quarter of pairs over
+    ])
+
+
 @needs_native_int8
 @pytest.mark.parametrize("m", [6, 13, 1], ids=["full-tiles", "tile-tail", "one-row"])
 def test_avx2_int8_kernel_is_exact_where_byte_pair_sums_overflow(m, avx2_int8_calls):
-    """Weights whose code pairs overflow int16 in every arrangement the kernel can choose (same-sign and opposite-
-    sign pairs of large codes side by side in one panel), against tokens whose codes are ±127 with the signs that
-    make each product as large as it gets: the sums must still be exact."""
+    """Codes at and past the limit of the kernel's int16 pair sums, against the largest weights of both signs
+    (codes 127 and -128) and random ones: the sums must still be exact."""
     k, n = 203, 37
     g = torch.Generator().manual_seed(m)
-    magnitude = torch.randint(100, 128, (n, k), generator=g)
-    sign = torch.where(torch.rand(n, k, generator=g) < 0.5, -1, 1)
-    same = torch.arange(n) % 3 != 1  # two columns in three: each pair of codes of one sign, the third opposite
-    sign[same, 1::2] = sign[same, 0::2][:, : k // 2]
-    sign[~same, 1::2] = -sign[~same, 0::2][:, : k // 2]
-    weight = (magnitude * sign).to(torch.int8)
-    # every group of four k of every panel then stores its pairs' second codes negated (the majority's fix) and needs
-    # an extra step for the other third (the last group, k = 200..202, still holds one full pair)
-    packed = native.Int8Weight(native.load(), weight, torch.ones(n))
-    panels, steps = ctypes.cast(packed.packed, ctypes.POINTER(ctypes.c_int64))[0:2]
-    assert steps == 2 * panels * ((k + 3) // 4)
-    x = torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0) * 2.0
-    x[0] = weight[0].float().sign() * 2.0  # every product +127 * |w|: the largest sum column 0 can have
-    if m > 1:
-        x[1] = -weight[1].float().sign() * 2.0  # the most negative sum of column 1
+    weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    weight[0], weight[1] = 127, -128
+    weight[2:10] = torch.where(torch.rand(8, k, generator=g) < 0.5, -128, 127).to(torch.int8)
+    border = _pair_border_rows(k, g)
+    x = torch.cat([border, torch.randn(max(m - len(border), 0), k, generator=g) * 3])[:m]
+    if m == 1:
+        x = border[3:4]  # the row whose pairs sit just past the limit
     weight_scale = torch.rand(n, generator=g) * 1e-2
     bias = torch.randn(n, generator=g)
     got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, bias, None, "int8", "token")
     assert len(avx2_int8_calls) == 1
     assert torch.equal(got, _integer_formula(x, weight, weight_scale, bias, None, "token"))
-    # hand-checked: row 0's codes are 127 · sign(w[0]), so column 0 sums to 127 · sum |w[0]|
-    want = (127.0 * weight[0].abs().sum().float()) * weight_scale[0] * (torch.tensor(2.0) / 127) + bias[0]
-    assert got[0, 0] == want
+    # hand-checked: a row of codes 127 against a column of codes 127 sums to 127 · 127 · k (scale 1)
+    if m > 1:
+        assert got[0, 0] == torch.tensor(127.0 * 127 * k) * weight_scale[0] + bias[0]
+        assert got[1, 1] == torch.tensor(127.0 * 128 * k) * weight_scale[1] + bias[1]  # -127 against -128
 
 
 def test_avx2_int8_kernel_takes_no_more_input_features_than_its_sums_hold(avx2_int8_calls, int_mm_calls):
