@@ -12,36 +12,38 @@
  * The integer sum is exact. AVX2's byte multiply-add, vpmaddubsw, multiplies unsigned by signed bytes and adds each
  * pair of products in saturating int16. oneDNN's u8 x s8 kernels feed it shifted activations and take the wrong
  * sums where a pair overflows; this kernel feeds it v = q_w + 128 in [0, 255] (unsigned) against the activation
- * codes q_x in [-127, 127] (signed) and keeps every pair in range from the activation's side, where the risk is
- * known when the row is quantized:
+ * codes q_x in [-127, 127] (signed) and keeps every int16 sum in range from the activation's side, where the risk
+ * is known when the row is quantized:
  *
- * - a pair q0 v0 + q1 v1 can leave int16 only if q0 and q1 have one sign and |q0| + |q1| > 128, i.e. |q0 + q1| >
- *   128 (255 * 128 = 32640); such pairs are rare in real activations, since a row is scaled by its largest value:
- *   0.5% of the pairs of MiniLM's layer inputs (per-token scales), 0.05% with SmoothQuant's static scales, 0.2% on
- *   SmolLM2-135M;
- * - the quantization moves the second code of each such pair out of the row's codes into a short list (fixups, one
- *   per group of four k), which the micro-kernel multiplies by the same weight step after the main loop, alone in
- *   its pair;
+ * - an int16 lane sums products q v of a few codes (below); it stays in range wherever the positive codes among them
+ *   add up to at most 128 and the negative ones too (255 * 128 = 32640);
+ * - by default a lane sums four codes, k and k + 1 of one group of four k and the same two of the next: the tile
+ *   loop adds two steps' vpmaddubsw results in int16 before widening them (vpmaddwd against ones), 1/4 fewer vector
+ *   operations than one step at a time. Past the limit: 3.3% of the fours of MiniLM's layer inputs (per-token
+ *   scales), 0.8% with SmoothQuant's static scales, 1.1% on SmolLM2-135M, since a row is scaled by its largest value
+ *   and most of its codes are small;
+ * - a row group whose fours would need too many fixups (below) sums pairs, one step at a time (Gaussian rows,
+ *   whose largest value is only ~3 standard deviations out: 20% of fours, 2.5% of pairs past the limit);
+ * - the quantization moves the largest codes of a sum past the limit out of the row's codes into a short list
+ *   (fixups), which the micro-kernel multiplies by the same weight step after the main loop, on their own;
  * - y_int = sum over k of q_x v - 128 * sum of q_x: the offset is removed once per row.
  *
  * Each product is at most 127 * 255 in magnitude, so the int32 sums are exact for K up to 2^31 / 32385 (QC_MAX_K).
- * The cost of the fixups depends on the input: ~1% of the steps on MiniLM, but ~6% for Gaussian rows (whose largest
- * value is only ~3 standard deviations out) and up to half for uniformly spread codes.
  *
  * Layout: a weight panel holds 16 output columns as K / 4 steps of 64 bytes (two vectors of 8 columns x 4 codes),
- * exactly the INT8 bytes. The activation is stored by groups of 6 rows, [group][k / 4][row][4 codes], so one step's
- * six 32-bit broadcasts lie at fixed distances from one address. The micro-kernel holds a 6 x 16 tile of int32 sums
- * in 12 registers for the whole of K (vpmaddubsw, vpmaddwd against ones, vpaddd per vector) and writes float32
- * outputs.
+ * exactly the INT8 bytes. The activation is stored by groups of 4 rows, [group][k / 4][row][4 codes], so one step's
+ * four 32-bit broadcasts lie at fixed distances from one address. The micro-kernel holds a 4 x 16 tile of int32 sums
+ * in 8 registers for the whole of K and the weights of two steps in 4, and writes float32 outputs.
  *
- * Speed: a step is 24 multiply instructions (vpmaddubsw, vpmaddwd) and 12 additions for 384 multiply-adds, where
- * an int16 form (vpmaddwd + vpaddd per 16 products) needs the same multiplies but 4 operations per 32 products
- * instead of 3. Measured on Zen 3 (one thread, data in L1): the tile loop runs at ~94 multiply-adds per ns, the
- * int16 one at ~78. Tried before this: keeping the pairs in range from the weight's side (each pair of a 16-column
- * panel's codes stored as is or with its second code negated against four sign variants of the activation, pairs
- * still at risk moved to extra steps): 11.5% extra steps on MiniLM's weights, whatever the input, and 4 bytes of
- * activation a code; MiniLM's 36 layers (real inputs) ran 13% faster with the fixups (sum of per-layer minima, one
- * thread), Gaussian inputs 1% slower.
+ * Speed, measured on Zen 3 (one thread, weights in cache, no fixups): the tile loop runs at ~98 multiply-adds per
+ * ns with fours, ~82 with pairs, where a 6 x 16 tile one step at a time ran at ~86 (24 multiply instructions and 12
+ * additions per 384 multiply-adds; the vector pipes, not the multipliers, bound it) and an int16 form (vpmaddwd +
+ * vpaddd per 16 products) at ~78. MiniLM's 36 layers on their real inputs (sum of per-layer minima, 2 threads):
+ * 79.7 ms against 84.1 for the 6 x 16 tile with pairs only; on Gaussian inputs 82.9 against 76.4.
+ * Tried before this: keeping the pairs in range from the weight's side (each pair of a 16-column panel's codes
+ * stored as is or with its second code negated against four sign variants of the activation, pairs still at risk
+ * moved to extra steps): 11.5% extra steps on MiniLM's weights whatever the input, and 4 bytes of activation a code.
+ * And an exactly rounded x * (1 / scale) in the quantization, dividing only near halves: slower than vdivps here.
  */
 #define _GNU_SOURCE /* posix_memalign; sysconf's cache sizes */
 #include <math.h>
@@ -54,7 +56,7 @@
 #endif
 
 #define QC_NR 16                 /* output columns per weight panel */
-#define QC_MR 6                  /* activation rows per micro-kernel call (a row group) */
+#define QC_MR 4                  /* activation rows per micro-kernel call (a row group) */
 #define QC_QUAD_BYTES (QC_MR * 4)                      /* a row group's codes of one group of four k */
 #define QC_STEP_BYTES (QC_NR * 4)                      /* a panel's codes of one group of four k */
 #define QC_OFFSET 128            /* v = 128 + q_w, in [0, 255] */
@@ -71,7 +73,8 @@ static void *aligned_buffer(size_t bytes) {
     return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
 }
 
-static int64_t quads_of(int64_t k) { return (k + 3) / 4; }
+/* groups of four k, rounded up to an even number: the tile loop takes two at a time */
+static int64_t quads_of(int64_t k) { return (k + 7) / 8 * 2; }
 static int64_t panels_of(int64_t n) { return (n + QC_NR - 1) / QC_NR; }
 
 /* 1 when this build has the kernel (the compiler targeted a CPU with AVX2), else 0. */
@@ -282,9 +285,9 @@ typedef struct {
 } fixup;
 
 /* q: 16 codes from group of four k `quad0` on, and `risky`, all ones in the int32 lanes of its pairs (k even,
- * k + 1) with |q0 + q1| > QC_MAX_PAIR, whose products could overflow int16 against some weight: the second code of
- * each such pair moves to the row's fixups (at fixups[*count], one per group of four k) and is zeroed in q. */
-static __m256i move_risky_codes(__m256i q, __m256i risky, int64_t quad0, fixup *fixups, int32_t *count) {
+ * k + 1) whose products could overflow int16 against some weight: the second code of each such pair moves to the
+ * row's fixups (at fixups[*count], one per group of four k) and is zeroed in q. */
+static __m256i move_codes_of_pairs(__m256i q, __m256i risky, int64_t quad0, fixup *fixups, int32_t *count) {
     const __m256i second = _mm256_and_si256(risky, _mm256_set1_epi32((int32_t)0xFFFF0000));
     const __m256i moved = _mm256_and_si256(q, second);
     int32_t four[4];
@@ -296,6 +299,48 @@ static __m256i move_risky_codes(__m256i q, __m256i risky, int64_t quad0, fixup *
     return _mm256_andnot_si256(second, q);
 }
 
+static uint32_t code_byte(int code, int at) { return (uint32_t)(uint8_t)(int8_t)code << (8 * at); }
+
+/* q: 16 codes from group of four k `quad0` on (quad0 even), of whose four sums of four (see quantize_group) those
+ * set in `over` (bits 0, 1, 4, 5: the int32 lane of the sum's first pair) could overflow int16 against some weight:
+ * the largest codes of each such sum move to the row's fixups (at fixups[*count], one or two per group of four k)
+ * until it cannot, and are zeroed in q. */
+static __m256i move_codes_of_fours(__m256i q, int over, int64_t quad0, fixup *fixups, int32_t *count) {
+    int16_t c[16], moved[16] = {0};
+    _mm256_storeu_si256((__m256i *)c, q);
+    int touched = 0; /* groups of four k that lost codes */
+    for (int sum = 0; sum < 4; ++sum) {
+        if (!((over >> ((sum / 2) * 4 + sum % 2)) & 1)) continue;
+        touched |= 3 << (2 * (sum / 2));
+        const int first = 8 * (sum / 2) + 2 * (sum % 2), at[4] = {first, first + 1, first + 4, first + 5};
+        for (int sign = 1; sign >= -1; sign -= 2)
+            for (;;) {
+                int total = 0, largest = 0;
+                for (int i = 0; i < 4; ++i) {
+                    const int v = sign * c[at[i]];
+                    total += v > 0 ? v : 0;
+                    largest = v > sign * c[at[largest]] ? i : largest;
+                }
+                if (total <= QC_MAX_PAIR) break;
+                moved[at[largest]] = c[at[largest]];
+                c[at[largest]] = 0;
+            }
+    }
+    for (int j = 0; j < 4; ++j) {
+        if (!((touched >> j) & 1)) continue;
+        /* a fixup is one step on its own: the second code of a moved pair that could overflow goes to a second one */
+        uint32_t main_codes = 0, apart = 0;
+        for (int i = 4 * j; i < 4 * j + 4; i += 2) {
+            main_codes |= code_byte(moved[i], i - 4 * j);
+            if (abs(moved[i] + moved[i + 1]) > QC_MAX_PAIR) apart |= code_byte(moved[i + 1], i + 1 - 4 * j);
+            else main_codes |= code_byte(moved[i + 1], i + 1 - 4 * j);
+        }
+        if (main_codes) fixups[(*count)++] = (fixup){(int32_t)(quad0 + j), (int32_t)main_codes};
+        if (apart) fixups[(*count)++] = (fixup){(int32_t)(quad0 + j), (int32_t)apart};
+    }
+    return _mm256_loadu_si256((const __m256i *)c);
+}
+
 static int32_t sum_lanes(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -303,29 +348,74 @@ static int32_t sum_lanes(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* A row group of x (`rows` <= 6 rows of K, row scales `scale`) -> its codes in the layout the micro-kernel reads,
+/* Per 16 codes q (as int16), the int32 lanes of its pairs (k even, k + 1) whose positive or negative codes add up
+ * to more than QC_MAX_PAIR (*pair_over), and those of its sums of four (a pair and the same pair of the next group
+ * of four, 2 lanes on) that do (*four_over; both lanes of a sum set). Returns the sum of the 16 codes in pairs. */
+static inline __m256i codes_over(__m256i q, __m256i *pair_over, __m256i *four_over) {
+    const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+    const __m256i max_pair = _mm256_set1_epi32(QC_MAX_PAIR);
+    const __m256i plus = _mm256_madd_epi16(_mm256_max_epi16(q, zero), ones);
+    const __m256i minus = _mm256_madd_epi16(_mm256_max_epi16(_mm256_sub_epi16(zero, q), zero), ones);
+    *pair_over = _mm256_cmpgt_epi32(_mm256_max_epi32(plus, minus), max_pair);
+    const __m256i largest = _mm256_max_epi32(_mm256_add_epi32(plus, _mm256_shuffle_epi32(plus, 0x4E)),
+                                             _mm256_add_epi32(minus, _mm256_shuffle_epi32(minus, 0x4E)));
+    *four_over = _mm256_cmpgt_epi32(largest, max_pair);
+    return _mm256_sub_epi32(plus, minus);
+}
+
+static inline int lanes_of(__m256i mask) { return _mm256_movemask_ps(_mm256_castsi256_ps(mask)); }
+
+/* Row r's 16 codes of groups of four k quad0 .. quad0 + 3 (those below KQ) in a row group's layout, as int16. */
+static __m256i load_codes16(const int8_t *group, int64_t quad0, int64_t KQ, int r) {
+    int32_t four[4] = {0, 0, 0, 0};
+    for (int j = 0; j < 4 && quad0 + j < KQ; ++j) memcpy(&four[j], group + (quad0 + j) * QC_QUAD_BYTES + 4 * r, 4);
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)four));
+}
+
+static void store_codes16(int8_t *group, int64_t quad0, int64_t KQ, int r, __m256i q) {
+    int32_t four[4];
+    _mm_storeu_si128((__m128i *)four, _mm_packs_epi16(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+    for (int j = 0; j < 4 && quad0 + j < KQ; ++j) memcpy(group + (quad0 + j) * QC_QUAD_BYTES + 4 * r, &four[j], 4);
+}
+
+/* A row group of x (`rows` <= 4 rows of K, row scales `scale`) -> its codes in the layout the micro-kernel reads,
  * [K / 4][row][4 codes], rows past `rows` as zeros; per row, 128 * the sum of its codes (row_offset) and the codes
- * moved out of pairs that could overflow (fixups, KQ a row; their number in fixup_count). Two rows at a time, so
- * each store writes two rows' 8 adjacent bytes. */
-static void quantize_group(const float *x, int64_t K, int rows, const float *scale, int8_t *out, int32_t *row_offset,
-                           fixup *fixups, int32_t *fixup_count) {
-    const int64_t KQ = quads_of(K);
-    const __m256i ones = _mm256_set1_epi16(1), max_pair = _mm256_set1_epi32(QC_MAX_PAIR);
+ * moved out of sums that could overflow (fixups, 2 KQ a row; their number in fixup_count). Two rows at a time, so
+ * each store writes two rows' 8 adjacent bytes. `flagged`: room for the row group's (4 K + 15) / 16 codes.
+ *
+ * In the tile loop each int16 lane sums products q v, v in [0, 255]: a pair of codes (k even, k + 1) with one step
+ * at a time, or with two (that pair and the same one of the next group of four, added before widening: 1/4 fewer
+ * vector operations). Such a sum stays inside int16 where its positive codes add up to at most 128, and its
+ * negative ones too. Returns 1 where the row group's sums take fours, 0 where they take pairs: fours unless those
+ * past the limit outnumber the pairs past it by a tenth of its groups of four k (each costs a fixup, while fours
+ * save ~1/7 of the steps). On real activations (a row scaled by its largest value, most codes small) 1-3% of the
+ * fours are past the limit; on Gaussian rows 20%, where fours ran the kernel 1.6x slower than pairs. */
+#define QC_PAIR_OVER (1 << 30)
+
+static int quantize_group(const float *x, int64_t K, int rows, const float *scale, int8_t *out, int32_t *row_offset,
+                          fixup *fixups, int32_t *fixup_count, int32_t *flagged, int *hint) {
+    const int64_t KQ = quads_of(K), chunks = (4 * KQ + 15) / 16;
+    const int try_fours = *hint;
+    int64_t extra_fixups = 0;
+    int32_t flagged_count[QC_MR] = {0}, count[QC_MR] = {0};
     for (int r = 0; r < QC_MR; r += 2) {
         __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        int32_t count[2] = {0, 0};
         for (int64_t k = 0; k < 4 * KQ; k += 16) {
             __m128i bytes[2];
             for (int i = 0; i < 2; ++i) {
                 const int live = r + i < rows;
                 __m256i q = codes16(x + (r + i) * K, k, live ? K : 0, _mm256_set1_ps(live ? scale[r + i] : 1.0f));
-                /* |q0 + q1| = |q0| + |q1| where the two have one sign: the pairs whose products could reach
-                 * 255 * 129 against weights of that sign */
-                const __m256i pair = _mm256_madd_epi16(q, ones);
-                sum[i] = _mm256_add_epi32(sum[i], pair);
-                const __m256i risky = _mm256_cmpgt_epi32(_mm256_abs_epi32(pair), max_pair);
-                if (!_mm256_testz_si256(risky, risky))
-                    q = move_risky_codes(q, risky, k / 4, fixups + (r + i) * KQ, &count[i]);
+                __m256i pair_over, four_over;
+                sum[i] = _mm256_add_epi32(sum[i], codes_over(q, &pair_over, &four_over));
+                /* the codes that some sums cannot keep are moved once the choice is made: the chunk's index, and
+                 * QC_PAIR_OVER where some of its pairs are past the limit too */
+                const int fours = lanes_of(four_over) & 0x33, pairs = lanes_of(pair_over);
+                extra_fixups += __builtin_popcount(fours) - __builtin_popcount(pairs);
+                if (!try_fours) {
+                    if (pairs) q = move_codes_of_pairs(q, pair_over, k / 4, fixups + (r + i) * 2 * KQ, &count[r + i]);
+                } else if (fours) {
+                    flagged[(r + i) * chunks + flagged_count[r + i]++] = (int32_t)(k / 16) | (pairs ? QC_PAIR_OVER : 0);
+                }
                 bytes[i] = _mm_packs_epi16(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
             }
             const __m128i quads01 = _mm_unpacklo_epi32(bytes[0], bytes[1]);
@@ -337,82 +427,145 @@ static void quantize_group(const float *x, int64_t K, int rows, const float *sca
             if (quads > 2) _mm_storel_epi64((__m128i *)(quad + 2 * QC_QUAD_BYTES), quads23);
             if (quads > 3) _mm_storeh_pd((double *)(quad + 3 * QC_QUAD_BYTES), _mm_castsi128_pd(quads23));
         }
-        for (int i = 0; i < 2; ++i) {
-            row_offset[r + i] = QC_OFFSET * sum_lanes(sum[i]);
-            fixup_count[r + i] = count[i];
-        }
+        for (int i = 0; i < 2; ++i) row_offset[r + i] = QC_OFFSET * sum_lanes(sum[i]);
     }
+    *hint = extra_fixups * 10 <= (int64_t)rows * KQ;
+    const int fours = try_fours && *hint;
+    for (int r = 0; r < QC_MR; ++r) {
+        for (int32_t f = 0; f < flagged_count[r]; ++f) {
+            const int32_t chunk = flagged[r * chunks + f];
+            if (!fours && !(chunk & QC_PAIR_OVER)) continue;
+            const int64_t quad0 = 4 * (int64_t)(chunk & ~QC_PAIR_OVER);
+            const __m256i q = load_codes16(out, quad0, KQ, r);
+            __m256i pair_over, four_over;
+            codes_over(q, &pair_over, &four_over);
+            if (fours)
+                store_codes16(out, quad0, KQ, r, move_codes_of_fours(q, lanes_of(four_over) & 0x33, quad0,
+                                                                     fixups + r * 2 * KQ, &count[r]));
+            else if (!_mm256_testz_si256(pair_over, pair_over))
+                store_codes16(out, quad0, KQ, r, move_codes_of_pairs(q, pair_over, quad0, fixups + r * 2 * KQ,
+                                                                     &count[r]));
+        }
+        fixup_count[r] = count[r];
+    }
+    return fours;
 }
 
 static const int16_t qc_ones[16] __attribute__((aligned(32))) = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define QC_ASM_TILE 1
-/* One row of the full tile for one step: broadcast the row's four codes (at `disp` from the step's), then per
- * panel vector (ymm12, ymm13) vpmaddubsw, vpmaddwd against ones, vpaddd into the row's two sums. */
-#define QC_TILE_ROW(disp, c0, c1)                             \
-    "vpbroadcastd " #disp "(%[group]), %%ymm14\n\t"           \
-    "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t"                \
-    "vpmaddwd (%[ones]), %%ymm15, %%ymm15\n\t"                \
-    "vpaddd %%ymm15, %%" c0 ", %%" c0 "\n\t"                  \
-    "vpmaddubsw %%ymm14, %%ymm13, %%ymm14\n\t"                \
+/* One row of the full tile for one step: broadcast the row's four codes (at `disp` from the step's), then per panel
+ * vector (ymm8, ymm9) vpmaddubsw, vpmaddwd against ones, vpaddd into the row's two sums. */
+#define QC_TILE_ROW_PAIRS(disp, c0, c1)                       \
+    "vpbroadcastd " #disp "(%[group]), %%ymm12\n\t"           \
+    "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"                 \
     "vpmaddwd (%[ones]), %%ymm14, %%ymm14\n\t"                \
-    "vpaddd %%ymm14, %%" c1 ", %%" c1 "\n\t"
+    "vpaddd %%ymm14, %%" c0 ", %%" c0 "\n\t"                  \
+    "vpmaddubsw %%ymm12, %%ymm9, %%ymm15\n\t"                 \
+    "vpmaddwd (%[ones]), %%ymm15, %%ymm15\n\t"                \
+    "vpaddd %%ymm15, %%" c1 ", %%" c1 "\n\t"
+
+#define QC_ZERO_SUMS                                          \
+    "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"                        \
+    "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"                        \
+    "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"                        \
+    "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"                        \
+    "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"                        \
+    "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"                        \
+    "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"                        \
+    "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
+
+#define QC_STORE_SUMS                                         \
+    "vmovdqu %%ymm0, (%[sums])\n\t"                           \
+    "vmovdqu %%ymm1, 32(%[sums])\n\t"                         \
+    "vmovdqu %%ymm2, 64(%[sums])\n\t"                         \
+    "vmovdqu %%ymm3, 96(%[sums])\n\t"                         \
+    "vmovdqu %%ymm4, 128(%[sums])\n\t"                        \
+    "vmovdqu %%ymm5, 160(%[sums])\n\t"                        \
+    "vmovdqu %%ymm6, 192(%[sums])\n\t"                        \
+    "vmovdqu %%ymm7, 224(%[sums])\n\t"
+
+#define QC_TILE_CLOBBERS                                                                                            \
+    "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", \
+        "xmm12", "xmm13", "xmm14", "xmm15"
 
 /* The int32 sums (offset included) of a full tile: a row group (at `group`) times `n` >= 1 steps of a panel (at
- * `codes`), into sums[6][16]. Written in assembly because compilers spill some of the 12 sums: this loop keeps them
- * in ymm0-11 and the step's two weight vectors in ymm12-13. */
-static void full_tile_sums(const int8_t *group, const uint8_t *codes, int64_t n, int32_t sums[QC_MR][16]) {
+ * `codes`), into sums[4][16], one step at a time. Written in assembly because compilers spill some of the
+ * registers: these loops keep the 8 sums in ymm0-7. */
+static void full_tile_sums_pairs(const int8_t *group, const uint8_t *codes, int64_t n, int32_t sums[QC_MR][16]) {
     const char *panel = (const char *)codes;
     __asm__ volatile(
-        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
-        "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
-        "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
-        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
-        "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
-        "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
-        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
-        "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
-        "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
-        "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
-        "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
-        "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+        QC_ZERO_SUMS
         "1:\n\t"
-        "vmovdqa (%[panel]), %%ymm12\n\t"
-        "vmovdqa 32(%[panel]), %%ymm13\n\t"
-        QC_TILE_ROW(0, "ymm0", "ymm1")
-        QC_TILE_ROW(4, "ymm2", "ymm3")
-        QC_TILE_ROW(8, "ymm4", "ymm5")
-        QC_TILE_ROW(12, "ymm6", "ymm7")
-        QC_TILE_ROW(16, "ymm8", "ymm9")
-        QC_TILE_ROW(20, "ymm10", "ymm11")
-        "add $24, %[group]\n\t"
+        "vmovdqa (%[panel]), %%ymm8\n\t"
+        "vmovdqa 32(%[panel]), %%ymm9\n\t"
+        QC_TILE_ROW_PAIRS(0, "ymm0", "ymm1")
+        QC_TILE_ROW_PAIRS(4, "ymm2", "ymm3")
+        QC_TILE_ROW_PAIRS(8, "ymm4", "ymm5")
+        QC_TILE_ROW_PAIRS(12, "ymm6", "ymm7")
+        "add $16, %[group]\n\t"
         "add $64, %[panel]\n\t"
         "dec %[n]\n\t"
         "jnz 1b\n\t"
-        "vmovdqu %%ymm0, (%[sums])\n\t"
-        "vmovdqu %%ymm1, 32(%[sums])\n\t"
-        "vmovdqu %%ymm2, 64(%[sums])\n\t"
-        "vmovdqu %%ymm3, 96(%[sums])\n\t"
-        "vmovdqu %%ymm4, 128(%[sums])\n\t"
-        "vmovdqu %%ymm5, 160(%[sums])\n\t"
-        "vmovdqu %%ymm6, 192(%[sums])\n\t"
-        "vmovdqu %%ymm7, 224(%[sums])\n\t"
-        "vmovdqu %%ymm8, 256(%[sums])\n\t"
-        "vmovdqu %%ymm9, 288(%[sums])\n\t"
-        "vmovdqu %%ymm10, 320(%[sums])\n\t"
-        "vmovdqu %%ymm11, 352(%[sums])\n\t"
+        QC_STORE_SUMS
         : [group] "+r"(group), [panel] "+r"(panel), [n] "+r"(n)
         : [sums] "r"(&sums[0][0]), [ones] "r"(qc_ones)
-        : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
-          "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+        : QC_TILE_CLOBBERS);
+}
+
+/* One row of the full tile for two steps: broadcast the row's four codes of each (at `disp` and `disp` + 16), then
+ * per panel vector vpmaddubsw against both steps' weights (ymm8-9, ymm10-11), vpaddw, vpmaddwd against ones, vpaddd
+ * into the row's two sums. */
+#define QC_TILE_ROW(disp, next, c0, c1)                       \
+    "vpbroadcastd " #disp "(%[group]), %%ymm12\n\t"           \
+    "vpbroadcastd " #next "(%[group]), %%ymm13\n\t"           \
+    "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"                 \
+    "vpmaddubsw %%ymm13, %%ymm10, %%ymm15\n\t"                \
+    "vpaddw %%ymm15, %%ymm14, %%ymm14\n\t"                    \
+    "vpmaddwd (%[ones]), %%ymm14, %%ymm14\n\t"                \
+    "vpaddd %%ymm14, %%" c0 ", %%" c0 "\n\t"                  \
+    "vpmaddubsw %%ymm12, %%ymm9, %%ymm14\n\t"                 \
+    "vpmaddubsw %%ymm13, %%ymm11, %%ymm15\n\t"                \
+    "vpaddw %%ymm15, %%ymm14, %%ymm14\n\t"                    \
+    "vpmaddwd (%[ones]), %%ymm14, %%ymm14\n\t"                \
+    "vpaddd %%ymm14, %%" c1 ", %%" c1 "\n\t"
+
+/* full_tile_sums_pairs two steps at a time (`n` >= 1 pairs of steps), their int16 results added before widening. */
+static void full_tile_sums_fours(const int8_t *group, const uint8_t *codes, int64_t n, int32_t sums[QC_MR][16]) {
+    const char *panel = (const char *)codes;
+    __asm__ volatile(
+        QC_ZERO_SUMS
+        "1:\n\t"
+        "vmovdqa (%[panel]), %%ymm8\n\t"
+        "vmovdqa 32(%[panel]), %%ymm9\n\t"
+        "vmovdqa 64(%[panel]), %%ymm10\n\t"
+        "vmovdqa 96(%[panel]), %%ymm11\n\t"
+        QC_TILE_ROW(0, 16, "ymm0", "ymm1")
+        QC_TILE_ROW(4, 20, "ymm2", "ymm3")
+        QC_TILE_ROW(8, 24, "ymm4", "ymm5")
+        QC_TILE_ROW(12, 28, "ymm6", "ymm7")
+        "add $32, %[group]\n\t"
+        "add $128, %[panel]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        QC_STORE_SUMS
+        : [group] "+r"(group), [panel] "+r"(panel), [n] "+r"(n)
+        : [sums] "r"(&sums[0][0]), [ones] "r"(qc_ones)
+        : QC_TILE_CLOBBERS);
 }
 #undef QC_TILE_ROW
+#undef QC_TILE_ROW_PAIRS
+#undef QC_ZERO_SUMS
+#undef QC_STORE_SUMS
+#undef QC_TILE_CLOBBERS
 #endif
 
-/* A row group's codes and what goes with them: per row its scale, 128 * the sum of its codes, and the codes moved
- * out of the main product (fixups, `stride` a row, fixup_count of them). */
+/* A row group's codes and what goes with them: whether its int16 sums take fours of codes (two steps) or pairs,
+ * and per row its scale, 128 * the sum of its codes, and the codes moved out of the main product (fixups, `stride`
+ * a row, fixup_count of them). */
 typedef struct {
+    int fours;
     const int8_t *codes;
     const float *scale;
     const int32_t *offset;
@@ -433,7 +586,8 @@ static inline void micro_kernel(const row_group *a, int rows, const packed_weigh
 #if defined(QC_ASM_TILE)
     if (rows == QC_MR && n > 0) {
         int32_t sums[QC_MR][16] __attribute__((aligned(32)));
-        full_tile_sums(a->codes, codes, n, sums);
+        if (a->fours) full_tile_sums_fours(a->codes, codes, n / 2, sums);
+        else full_tile_sums_pairs(a->codes, codes, n, sums);
         for (int r = 0; r < QC_MR; ++r) {
             c[r][0] = _mm256_load_si256((const __m256i *)sums[r]);
             c[r][1] = _mm256_load_si256((const __m256i *)(sums[r] + 8));
@@ -442,33 +596,49 @@ static inline void micro_kernel(const row_group *a, int rows, const packed_weigh
 #endif
     {
         for (int r = 0; r < QC_MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
-        for (int64_t s = 0; s < n; ++s) {
-            const __m256i b0 = _mm256_load_si256((const __m256i *)(codes + s * QC_STEP_BYTES));
-            const __m256i b1 = _mm256_load_si256((const __m256i *)(codes + s * QC_STEP_BYTES + 32));
+        /* two steps at a time, their int16 results added before widening where fours were kept in range */
+        for (int64_t s = 0; s < n; s += 2) {
+            const uint8_t *weights = codes + s * QC_STEP_BYTES;
+            const __m256i b0 = _mm256_load_si256((const __m256i *)weights);
+            const __m256i b1 = _mm256_load_si256((const __m256i *)(weights + 32));
+            const __m256i b2 = _mm256_load_si256((const __m256i *)(weights + 64));
+            const __m256i b3 = _mm256_load_si256((const __m256i *)(weights + 96));
             const int8_t *step = a->codes + s * QC_QUAD_BYTES;
-#define QC_ROW(r)                                                                                          \
-    if ((r) < rows) {                                                                                      \
-        int32_t four;                                                                                      \
-        memcpy(&four, step + 4 * (r), sizeof four);                                                        \
-        const __m256i av = _mm256_set1_epi32(four);                                                        \
-        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(b0, av), ones));        \
-        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b1, av), ones));        \
-    }
-            QC_ROW(0) QC_ROW(1) QC_ROW(2) QC_ROW(3) QC_ROW(4) QC_ROW(5)
-#undef QC_ROW
+            for (int r = 0; r < rows; ++r) {
+                int32_t four, next;
+                memcpy(&four, step + 4 * r, sizeof four);
+                memcpy(&next, step + QC_QUAD_BYTES + 4 * r, sizeof next);
+                const __m256i av = _mm256_set1_epi32(four), an = _mm256_set1_epi32(next);
+                const __m256i p0 = _mm256_maddubs_epi16(b0, av), p1 = _mm256_maddubs_epi16(b1, av);
+                const __m256i p2 = _mm256_maddubs_epi16(b2, an), p3 = _mm256_maddubs_epi16(b3, an);
+                if (a->fours) {
+                    c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_add_epi16(p0, p2), ones));
+                    c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_add_epi16(p1, p3), ones));
+                } else {
+                    c[r][0] = _mm256_add_epi32(c[r][0], _mm256_add_epi32(_mm256_madd_epi16(p0, ones),
+                                                                         _mm256_madd_epi16(p2, ones)));
+                    c[r][1] = _mm256_add_epi32(c[r][1], _mm256_add_epi32(_mm256_madd_epi16(p1, ones),
+                                                                         _mm256_madd_epi16(p3, ones)));
+                }
+            }
         }
     }
-    /* the codes moved out of pairs that could overflow, each against its step's weights (alone in its pair now) */
-    for (int r = 0; r < rows; ++r)
+    /* the codes moved out of sums that could overflow, each against its step's weights on its own (summed apart
+     * from c, which the compiler keeps in memory here: a chain of additions through memory ran ~4x slower) */
+    for (int r = 0; r < rows; ++r) {
+        const fixup *f = a->fixups + r * a->stride;
+        __m256i f0 = _mm256_setzero_si256(), f1 = _mm256_setzero_si256();
         for (int32_t e = 0; e < a->fixup_count[r]; ++e) {
-            const fixup f = a->fixups[r * a->stride + e];
-            const uint8_t *step = codes + (int64_t)f.quad * QC_STEP_BYTES;
-            const __m256i av = _mm256_set1_epi32(f.codes);
+            const uint8_t *step = codes + (int64_t)f[e].quad * QC_STEP_BYTES;
+            const __m256i av = _mm256_set1_epi32(f[e].codes);
             const __m256i b0 = _mm256_load_si256((const __m256i *)step);
             const __m256i b1 = _mm256_load_si256((const __m256i *)(step + 32));
-            c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(b0, av), ones));
-            c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b1, av), ones));
+            f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(_mm256_maddubs_epi16(b0, av), ones));
+            f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(_mm256_maddubs_epi16(b1, av), ones));
         }
+        c[r][0] = _mm256_add_epi32(c[r][0], f0);
+        c[r][1] = _mm256_add_epi32(c[r][1], f1);
+    }
     __m256 out[QC_MR][2];
     if (rows < QC_MR) memset(out, 0, sizeof out); /* the activation runs on whole groups of vectors */
     for (int r = 0; r < rows; ++r) {
@@ -498,25 +668,27 @@ static inline void micro_kernel(const row_group *a, int rows, const packed_weigh
     }
 }
 
-/* The quantized activation: row groups of group_bytes codes, and per row (M rounded up to whole groups) the scale,
- * 128 * the sum of codes, and the fixups (quads a row) with their count. */
+/* The quantized activation: row groups of group_bytes codes, whether each group's sums take fours, and per row (M
+ * rounded up to whole groups) the scale, 128 * the sum of codes, and the fixups (2 quads a row) with their count. */
 typedef struct {
+    uint8_t *fours;
     int8_t *codes;
     int64_t group_bytes, quads;
+    int32_t *flagged; /* quantize_group's */
     float *scale;
     int32_t *offset;
     fixup *fixups;
     int32_t *fixup_count;
 } quantized_rows;
 
-/* Row group g (6 rows) times weight panel p (16 columns), into y. */
+/* Row group g (4 rows) times weight panel p (16 columns), into y. */
 static inline void multiply_tile(const quantized_rows *x, int64_t M, int64_t g, const packed_weight *w, int64_t N,
                                  int64_t p, const float *col_scale, const float *bias, int activation, float *y) {
     const int64_t m = g * QC_MR, n = p * QC_NR;
     const int rows = (int)(M - m < QC_MR ? M - m : QC_MR);
     const int cols = (int)(N - n < QC_NR ? N - n : QC_NR);
-    const row_group a = {x->codes + g * x->group_bytes, x->scale + m, x->offset + m, x->fixups + m * x->quads,
-                         x->fixup_count + m, x->quads};
+    const row_group a = {x->fours[g], x->codes + g * x->group_bytes, x->scale + m, x->offset + m,
+                         x->fixups + m * 2 * x->quads, x->fixup_count + m, 2 * x->quads};
     micro_kernel(&a, rows, w, p, col_scale + n, bias ? bias + n : NULL, activation, y + m * N + n, N, cols);
 }
 #endif
@@ -533,7 +705,8 @@ static int64_t activation_block_bytes(void) {
     return QC_A_BLOCK_BYTES;
 }
 
-/* y [M, N] = the quantized activation x times one packed weight, scaled, plus bias, through the activation. Returns 0, or 1 when a buffer could not be allocated. */
+/* y [M, N] = the quantized activation x times one packed weight, scaled, plus bias, through the activation.
+ * Returns 0, or 1 when a buffer could not be allocated. */
 static int multiply_codes(const quantized_rows *x, int64_t M, const void *packed, int64_t N,
                           const float *weight_scale, const float *bias, int activation, float *y, int threads) {
     const packed_weight w = packed_view(packed);
@@ -606,36 +779,47 @@ int qc_int8_linear_many(const float *x, int64_t M, int64_t K, const float *stati
         if (fixed_scale == 0.0f) fixed_scale = 1.0f;
     }
     const int64_t KQ = quads_of(K), row_groups = (M + QC_MR - 1) / QC_MR, rows = row_groups * QC_MR;
-    quantized_rows q = {aligned_buffer((size_t)(row_groups * KQ * QC_QUAD_BYTES)), KQ * QC_QUAD_BYTES, KQ,
+    const int64_t chunks = (4 * KQ + 15) / 16;
+    quantized_rows q = {malloc((size_t)(row_groups > 0 ? row_groups : 1)),
+                        aligned_buffer((size_t)(row_groups * KQ * QC_QUAD_BYTES)), KQ * QC_QUAD_BYTES, KQ,
+                        malloc((size_t)(rows > 0 ? rows * chunks : 1) * sizeof(int32_t)),
                         malloc((size_t)(rows > 0 ? rows : 1) * sizeof(float)),
                         malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int32_t)),
-                        /* room for a fixup in every group of four k; pages that none reaches are never touched */
-                        malloc((size_t)(rows > 0 ? rows * KQ : 1) * sizeof(fixup)),
+                        /* room for two fixups in every group of four k; pages that none reaches are never touched */
+                        malloc((size_t)(rows > 0 ? rows * 2 * KQ : 1) * sizeof(fixup)),
                         malloc((size_t)(rows > 0 ? rows : 1) * sizeof(int32_t))};
     int status = 0;
-    if (!q.codes || !q.scale || !q.offset || !q.fixups || !q.fixup_count) {
+    if (!q.fours || !q.codes || !q.flagged || !q.scale || !q.offset || !q.fixups || !q.fixup_count) {
         status = 1;
     } else {
         int bad = 0;
         /* one thread for a few rows (decode steps): waking the others costs more than the work */
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (M * K >= 16384)
-        for (int64_t g = 0; g < row_groups; ++g) {
-            const int n_rows = (int)(M - g * QC_MR < QC_MR ? M - g * QC_MR : QC_MR);
-            float *scale = q.scale + g * QC_MR;
-            for (int r = 0; r < n_rows; ++r) {
-                float amax;
-                bad |= row_amax(x + (g * QC_MR + r) * K, K, &amax);
-                float s = static_scale ? fixed_scale : amax / 127.0f;
-                scale[r] = s == 0.0f ? 1.0f : s;
+#pragma omp parallel num_threads(threads) reduction(| : bad) if (M * K >= 16384)
+        {
+            int hint = 1; /* each row group tries the sums its predecessor chose */
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < row_groups; ++g) {
+                const int n_rows = (int)(M - g * QC_MR < QC_MR ? M - g * QC_MR : QC_MR);
+                float *scale = q.scale + g * QC_MR;
+                for (int r = 0; r < n_rows; ++r) {
+                    float amax;
+                    bad |= row_amax(x + (g * QC_MR + r) * K, K, &amax);
+                    float s = static_scale ? fixed_scale : amax / 127.0f;
+                    scale[r] = s == 0.0f ? 1.0f : s;
+                }
+                q.fours[g] = (uint8_t)quantize_group(x + g * QC_MR * K, K, n_rows, scale,
+                                                     q.codes + g * q.group_bytes, q.offset + g * QC_MR,
+                                                     q.fixups + g * QC_MR * 2 * KQ, q.fixup_count + g * QC_MR,
+                                                     q.flagged + g * QC_MR * chunks, &hint);
             }
-            quantize_group(x + g * QC_MR * K, K, n_rows, scale, q.codes + g * q.group_bytes, q.offset + g * QC_MR,
-                           q.fixups + g * QC_MR * KQ, q.fixup_count + g * QC_MR);
         }
         status = bad ? 2 : 0;
         for (int i = 0; i < count && status == 0; ++i)
             status = multiply_codes(&q, M, packed[i], N[i], weight_scale[i], bias[i], activation[i], y[i], threads);
     }
+    free(q.fours);
     free(q.codes);
+    free(q.flagged);
     free(q.scale);
     free(q.offset);
     free(q.fixups);

@@ -6,7 +6,7 @@
   output row.
 - `int8_gemm.c`: INT8 × INT8 layers on x86 CPUs with AVX2 but no INT8 dot-product instruction, where oneDNN's
   integer kernels saturate and `torch._int_mm` crawls: byte multiply-adds, exact in int32, the few activation codes
-  whose pair sums could overflow int16 multiplied apart (`Int8Weight`).
+  whose int16 sums could overflow multiplied apart (`Int8Weight`).
 
 It is compiled with the system C compiler (`cc`, or `$CC`) with `-O3 -march=native -fopenmp` into
 `$QCOMPILE_CACHE_DIR` (default `~/.cache/qcompile`), keyed by a hash of the source, the flags and the CPU, written

@@ -781,45 +781,42 @@ def test_avx2_int8_kernel_extreme_codes_and_magnitudes(avx2_int8_calls):
     assert torch.isfinite(got).all()
 
 
-def _pair_border_rows(k: int, g: torch.Generator) -> torch.Tensor:
+def _int16_border_rows(k: int, g: torch.Generator) -> torch.Tensor:
     """Rows of x whose codes are x itself (each row's largest |x| is 127, so its scale is 1), chosen around the
-    kernel's limit: a pair of codes (k even, k + 1) of one sign with |q0 + q1| > 128 would overflow int16 against
-    large weights of that sign (255 · 129 > 32767), and the kernel moves its second code out of the main product."""
-    pairs = k // 2
+    kernel's int16 limit: it adds the products of codes k, k + 1, k + 4 and k + 5 (k a multiple of 8, or that plus
+    2) in int16, against weights + 128 in [0, 255], so the positive codes of such a four may sum to 128 at most, and
+    the negative ones too (255 · 129 > 32767); it moves codes out of fours past that."""
 
-    def from_pairs(first, second):
-        row = torch.stack([first, second], 1).reshape(-1)
-        row = torch.cat([row, torch.full((k - row.numel(),), 127.0)])
-        row[-1] = 127.0  # the row's largest value, whatever the pairs hold
-        return row
-
-    def tiled(values):
-        return torch.tensor(values, dtype=torch.float32).repeat(pairs)[:pairs]
+    def row(values):
+        out = torch.tensor(values, dtype=torch.float32).repeat(k // len(values) + 1)[:k].clone()
+        if out.abs().max() < 127:
+            out[-1] = 127.0  # the row's largest |value| must be 127
+        return out
 
     return torch.stack([
-        torch.full((k,), 127.0),  # every pair over the limit
-        torch.full((k,), -127.0),
-        from_pairs(tiled([64.0, 1.0, -64.0, -127.0]), tiled([64.0, 127.0, -64.0, -1.0])),  # sums of ±128: kept
-        from_pairs(tiled([65.0, 2.0, -65.0, -127.0]), tiled([64.0, 127.0, -64.0, -2.0])),  # sums of ±129: moved
-        torch.where(torch.rand(k, generator=g) < 0.5, -127.0, 127.0),  # a mix, pairs of one sign and of both
-        torch.randint(-127, 128, (k,), generator=g).float(),  # uniformly spread codes: a quarter of pairs over
+        row([127.0]),  # every four over the limit: three of its codes move, pairs of them apart
+        row([-127.0]),
+        row([32.0] * 8 + [-32.0] * 8),  # fours of ±128: kept
+        row([33.0] + [32.0] * 7 + [-33.0] + [-32.0] * 7),  # fours of 129 (and 128), -129: moved
+        row([127.0, -127.0, 1.0, -1.0]),  # fours of 254 and -254 with both signs in them
+        torch.randint(-127, 128, (k,), generator=g).float(),  # uniformly spread codes
     ])
 
 
 @needs_native_int8
 @pytest.mark.parametrize("m", [6, 13, 1], ids=["full-tiles", "tile-tail", "one-row"])
 def test_avx2_int8_kernel_is_exact_where_byte_pair_sums_overflow(m, avx2_int8_calls):
-    """Codes at and past the limit of the kernel's int16 pair sums, against the largest weights of both signs
-    (codes 127 and -128) and random ones: the sums must still be exact."""
+    """Codes at and past the limit of the kernel's int16 sums, against the largest weights of both signs (codes 127
+    and -128) and random ones: the sums must still be exact."""
     k, n = 203, 37
     g = torch.Generator().manual_seed(m)
     weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     weight[0], weight[1] = 127, -128
     weight[2:10] = torch.where(torch.rand(8, k, generator=g) < 0.5, -128, 127).to(torch.int8)
-    border = _pair_border_rows(k, g)
+    border = _int16_border_rows(k, g)
     x = torch.cat([border, torch.randn(max(m - len(border), 0), k, generator=g) * 3])[:m]
     if m == 1:
-        x = border[3:4]  # the row whose pairs sit just past the limit
+        x = border[3:4]  # the row whose fours sit just past the limit
     weight_scale = torch.rand(n, generator=g) * 1e-2
     bias = torch.randn(n, generator=g)
     got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, bias, None, "int8", "token")
@@ -829,6 +826,29 @@ def test_avx2_int8_kernel_is_exact_where_byte_pair_sums_overflow(m, avx2_int8_ca
     if m > 1:
         assert got[0, 0] == torch.tensor(127.0 * 127 * k) * weight_scale[0] + bias[0]
         assert got[1, 1] == torch.tensor(127.0 * 128 * k) * weight_scale[1] + bias[1]  # -127 against -128
+
+
+@needs_native_int8
+@pytest.mark.parametrize("m", [8, 6, 1], ids=["full-tiles", "tile-tail", "one-row"])
+def test_avx2_int8_kernel_is_exact_with_few_codes_past_the_limit(m, avx2_int8_calls):
+    """Rows like real activations (most codes small, a few large), where the kernel keeps its int16 sums over fours
+    of codes and moves only the few past the limit: fours of 129 whose pairs are in range (64 at k, 65 at k + 4),
+    and fours of -129 whose first pair is past it too."""
+    k, n = 203, 37
+    g = torch.Generator().manual_seed(10 + m)
+    weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    weight[0], weight[1] = 127, -128
+    x = torch.randint(-20, 21, (m, k), generator=g).float()
+    for row in range(m):
+        for start in torch.randperm(k // 8 - 1, generator=g)[:3].tolist():
+            at = 8 * start + 2 * (row % 2)
+            x[row, at], x[row, at + 1], x[row, at + 4], x[row, at + 5] = 64.0, 0.0, 65.0, 0.0
+            x[row, at + 8], x[row, at + 9], x[row, at + 12] = -127.0, -2.0, 0.0
+        x[row, -1] = 127.0  # scale 1: the codes are x
+    weight_scale = torch.rand(n, generator=g) * 1e-2
+    got = torch.ops.qcompile.int8_linear(x, weight, weight_scale, None, None, "int8", "token")
+    assert len(avx2_int8_calls) == 1
+    assert torch.equal(got, _integer_formula(x, weight, weight_scale, None, None, "token"))
 
 
 def test_avx2_int8_kernel_takes_no_more_input_features_than_its_sums_hold(avx2_int8_calls, int_mm_calls):
