@@ -60,7 +60,7 @@
 #define QC_QUAD_BYTES (QC_MR * 4)                      /* a row group's codes of one group of four k */
 #define QC_STEP_BYTES (QC_NR * 4)                      /* a panel's codes of one group of four k */
 #define QC_OFFSET 128            /* v = 128 + q_w, in [0, 255] */
-#define QC_MAX_PAIR 128          /* |q0 + q1| <= 128 keeps 255 * |q0 + q1| inside int16 */
+#define QC_MAX_PAIR 128          /* codes of one sign adding up to <= 128 keep an int16 sum of q * v in range */
 #define QC_MAX_K 65536           /* K * 255 * 127 < 2^31 */
 #define QC_N_TILE 2              /* panels per task with few rows (32 output columns) */
 #define QC_TASKS_PER_THREAD 4    /* row groups per thread from which rows, not columns, are shared out */
@@ -107,8 +107,7 @@ int64_t qc_int8_packed_bytes(int64_t N, int64_t K) {
     return QC_HEADER_BYTES + panels_of(N) * quads_of(K) * QC_STEP_BYTES;
 }
 
-/* w int8 [N, K] row-major -> the packed form, in `out` of qc_int8_packed_bytes bytes,
- * 64-byte aligned. */
+/* w int8 [N, K] row-major -> the packed form, in `out` of qc_int8_packed_bytes bytes, 64-byte aligned. */
 void qc_int8_pack_weight(const int8_t *w, int64_t N, int64_t K, void *out, int threads) {
     const int64_t NP = panels_of(N), KQ = quads_of(K);
     int64_t *head = out;
