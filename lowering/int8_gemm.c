@@ -276,8 +276,8 @@ static inline __m256i codes16(const float *x, int64_t k, int64_t K, __m256 scale
     return _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b)), 0xD8);
 }
 
-/* A code moved out of the main product: the row's four codes of group `quad` that the main steps left out (the
- * others zero), multiplied by the same weight step after them. */
+/* Codes moved out of the main product: up to four of a row's codes of group of four k `quad` (the others zero),
+ * multiplied by that step's weights after the main loop, on their own. */
 typedef struct {
     int32_t quad;
     int32_t codes;

@@ -7,7 +7,6 @@ reference only by float32 rounding of the sums and the final scaling: bound 1e-5
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import pytest
@@ -804,8 +803,8 @@ def _int16_border_rows(k: int, g: torch.Generator) -> torch.Tensor:
 
 
 @needs_native_int8
-@pytest.mark.parametrize("m", [6, 13, 1], ids=["full-tiles", "tile-tail", "one-row"])
-def test_avx2_int8_kernel_is_exact_where_byte_pair_sums_overflow(m, avx2_int8_calls):
+@pytest.mark.parametrize("m", [8, 13, 1], ids=["full-tiles", "tile-tail", "one-row"])
+def test_avx2_int8_kernel_is_exact_where_int16_sums_would_overflow(m, avx2_int8_calls):
     """Codes at and past the limit of the kernel's int16 sums, against the largest weights of both signs (codes 127
     and -128) and random ones: the sums must still be exact."""
     k, n = 203, 37
