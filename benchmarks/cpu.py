@@ -165,7 +165,8 @@ def bench_encoder(args) -> dict:
 
 
 def bench_versus(args) -> dict | None:
-    """qcompile INT8 (backend='quant') against torchao's PT2E static INT8, all built at once and timed round-robin."""
+    """qcompile INT8 (backend='quant' and torch.compile(qcompile.quantize(...)) with freezing) against torchao's PT2E
+    static INT8, all built at once and timed round-robin."""
     model, tokenizer = hf.load_minilm()
     calib = hf.tokenize_batches(tokenizer, hf.news_sentences(64, offset=args.sentences), BATCH, SEQ, fixed_length=True)
     timed = hf.tokenize_batches(tokenizer, hf.news_sentences(BATCH), BATCH, SEQ, fixed_length=True)[0]
@@ -183,6 +184,11 @@ def bench_versus(args) -> dict | None:
             models[pt2e_label](**timed)
     for recipe in ("int8_dynamic", "int8_sq"):
         models[f"qcompile {recipe}: backend='quant'"] = _backend(model, recipe, calib)
+        # compiled (and frozen) at its first call: made inside the freezing patch, as PT2E's
+        label = f"qcompile {recipe}: torch.compile(qcompile.quantize(...)), freezing"
+        with torch._inductor.config.patch(freezing=True), torch.no_grad():
+            models[label] = torch.compile(qc.quantize(model, recipe, calib=calib, progress=False))
+            models[label](**timed)
     times: dict[str, list[float]] = {label: [] for label in models}
     labels = list(models)
     with torch.no_grad():
