@@ -380,15 +380,17 @@ static void store_codes16(int8_t *group, int64_t quad0, int64_t KQ, int r, __m25
 /* A row group of x (`rows` <= 4 rows of K, row scales `scale`) -> its codes in the layout the micro-kernel reads,
  * [K / 4][row][4 codes], rows past `rows` as zeros; per row, 128 * the sum of its codes (row_offset) and the codes
  * moved out of sums that could overflow (fixups, 2 KQ a row; their number in fixup_count). Two rows at a time, so
- * each store writes two rows' 8 adjacent bytes. `flagged`: room for the row group's (4 K + 15) / 16 codes.
+ * each store writes two rows' 8 adjacent bytes. `flagged`: room for (4 KQ + 15) / 16 chunk indices a row.
  *
  * In the tile loop each int16 lane sums products q v, v in [0, 255]: a pair of codes (k even, k + 1) with one step
  * at a time, or with two (that pair and the same one of the next group of four, added before widening: 1/4 fewer
  * vector operations). Such a sum stays inside int16 where its positive codes add up to at most 128, and its
- * negative ones too. Returns 1 where the row group's sums take fours, 0 where they take pairs: fours unless those
- * past the limit outnumber the pairs past it by a tenth of its groups of four k (each costs a fixup, while fours
- * save ~1/7 of the steps). On real activations (a row scaled by its largest value, most codes small) 1-3% of the
- * fours are past the limit; on Gaussian rows 20%, where fours ran the kernel 1.6x slower than pairs. */
+ * negative ones too. Returns 1 where the row group's sums take fours, 0 where they take pairs. *hint, in: 1 to try
+ * fours (the codes to move are only noted until the choice is made), 0 to take pairs at once; out: the choice for
+ * the next group, fours unless the fours past the limit outnumber the pairs past it by more than a tenth of the
+ * group's groups of four k (each costs a fixup, while fours save ~1/7 of the steps). On real activations (a row
+ * scaled by its largest value, most codes small) 1-3% of the fours are past the limit; on Gaussian rows 20%, where
+ * fours ran the kernel 1.6x slower than pairs. */
 #define QC_PAIR_OVER (1 << 30)
 
 static int quantize_group(const float *x, int64_t K, int rows, const float *scale, int8_t *out, int32_t *row_offset,
