@@ -487,9 +487,20 @@ static const int16_t qc_ones[16] __attribute__((aligned(32))) = {1, 1, 1, 1, 1, 
     "vmovdqu %%ymm6, 192(%[sums])\n\t"                        \
     "vmovdqu %%ymm7, 224(%[sums])\n\t"
 
-#define QC_TILE_CLOBBERS                                                                                            \
-    "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", \
-        "xmm12", "xmm13", "xmm14", "xmm15"
+/* The end of a tile loop: the next steps (`group_bytes` of activation, `panel_bytes` of weight on), then the sums
+ * stored; and the loop's operands. */
+#define QC_NEXT_STEPS_THEN_STORE(group_bytes, panel_bytes)    \
+    "add $" #group_bytes ", %[group]\n\t"                     \
+    "add $" #panel_bytes ", %[panel]\n\t"                     \
+    "dec %[n]\n\t"                                            \
+    "jnz 1b\n\t"                                              \
+    QC_STORE_SUMS
+
+#define QC_TILE_OPERANDS                                                                                     \
+    : [group] "+r"(group), [panel] "+r"(panel), [n] "+r"(n)                                                  \
+    : [sums] "r"(&sums[0][0]), [ones] "r"(qc_ones)                                                           \
+    : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
+      "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
 
 /* The int32 sums (offset included) of a full tile: a row group (at `group`) times `n` >= 1 steps of a panel (at
  * `codes`), into sums[4][16], one step at a time. Written in assembly because compilers spill some of the
@@ -505,14 +516,8 @@ static void full_tile_sums_pairs(const int8_t *group, const uint8_t *codes, int6
         QC_TILE_ROW_PAIRS(4, "ymm2", "ymm3")
         QC_TILE_ROW_PAIRS(8, "ymm4", "ymm5")
         QC_TILE_ROW_PAIRS(12, "ymm6", "ymm7")
-        "add $16, %[group]\n\t"
-        "add $64, %[panel]\n\t"
-        "dec %[n]\n\t"
-        "jnz 1b\n\t"
-        QC_STORE_SUMS
-        : [group] "+r"(group), [panel] "+r"(panel), [n] "+r"(n)
-        : [sums] "r"(&sums[0][0]), [ones] "r"(qc_ones)
-        : QC_TILE_CLOBBERS);
+        QC_NEXT_STEPS_THEN_STORE(16, 64)
+        QC_TILE_OPERANDS);
 }
 
 /* One row of the full tile for two steps: broadcast the row's four codes of each (at `disp` and `disp` + 16), then
@@ -546,20 +551,15 @@ static void full_tile_sums_fours(const int8_t *group, const uint8_t *codes, int6
         QC_TILE_ROW(4, 20, "ymm2", "ymm3")
         QC_TILE_ROW(8, 24, "ymm4", "ymm5")
         QC_TILE_ROW(12, 28, "ymm6", "ymm7")
-        "add $32, %[group]\n\t"
-        "add $128, %[panel]\n\t"
-        "dec %[n]\n\t"
-        "jnz 1b\n\t"
-        QC_STORE_SUMS
-        : [group] "+r"(group), [panel] "+r"(panel), [n] "+r"(n)
-        : [sums] "r"(&sums[0][0]), [ones] "r"(qc_ones)
-        : QC_TILE_CLOBBERS);
+        QC_NEXT_STEPS_THEN_STORE(32, 128)
+        QC_TILE_OPERANDS);
 }
 #undef QC_TILE_ROW
 #undef QC_TILE_ROW_PAIRS
 #undef QC_ZERO_SUMS
 #undef QC_STORE_SUMS
-#undef QC_TILE_CLOBBERS
+#undef QC_NEXT_STEPS_THEN_STORE
+#undef QC_TILE_OPERANDS
 #endif
 
 /* A row group's codes and what goes with them: whether its int16 sums take fours of codes (two steps) or pairs,
