@@ -7,6 +7,7 @@ reference only by float32 rounding of the sums and the final scaling: bound 1e-5
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -1310,5 +1311,84 @@ def test_compiled_fp8_rejects_non_finite_input():
     with torch.no_grad():
         compiled(x)
         x[0, 1, 2] = float("inf")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            compiled(x)
+
+
+# ------------------------------------------------------------------- quantized inputs of the 4-bit kernels
+
+
+def test_e2m1_rounding_in_arithmetic_is_the_encoder():
+    grid = torch.tensor(numerics.E2M1_VALUES)
+    points = torch.cat([grid, (grid[:-1] + grid[1:]) / 2, torch.tensor([5.5, 6.5, 7.0, 1e30, float("inf")])])
+    up = torch.nextafter(points, torch.tensor(float("inf")))
+    down = torch.nextafter(points, torch.tensor(0.0))
+    sweep = torch.arange(0, 0x7F800000, 4099, dtype=torch.int32).view(torch.float32)  # every binade, ~520k values
+    v = torch.cat([points, up, down, sweep])
+    v = torch.cat([v, -v])
+    want = numerics.e2m1_decode(numerics.e2m1_encode(v))
+    assert _same_bits(cpu_lowering.round_to_e2m1(v), want)  # -0.0 where the encoder gives code 8
+    assert _same_bits(torch.compile(cpu_lowering.round_to_e2m1)(v), want)
+    # hand-checked ties to the even code: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0001, -0.1])
+    assert cpu_lowering.round_to_e2m1(ties).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -6.0, -0.0]
+
+
+def _awkward_activation(m: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 2, m).unsqueeze(1)  # rows from 1e-3 to 1e2
+    x[0, :16] = 0.0  # an all-zero block
+    x[1, :16] = -0.0
+    x[1, 16:] *= 1e-9  # blocks far below the tensor's scale
+    x[2, 3] = -1e-30
+    return x
+
+
+@pytest.mark.parametrize("k", [64, 37])  # 37: a partial last block
+@pytest.mark.parametrize("global_scale", ["calibrated", "too small", "too large"])
+def test_nvfp4_input_round_trip_is_the_reference(k, global_scale):
+    x = _awkward_activation(6, k, seed=k)
+    calibrated = x.abs().max() / (numerics.E2M1_MAX * numerics.FP8_E4M3_MAX)
+    gs = {"calibrated": calibrated, "too small": calibrated / 1e3, "too large": calibrated * 300}[global_scale]
+    want = ref.quantize_input(x, "nvfp4", "block", gs)
+    for fn in (cpu_lowering.fake_quantize_nvfp4_input, torch.compile(cpu_lowering.fake_quantize_nvfp4_input)):
+        got = fn(x, gs)
+        assert got.shape == want.shape and _same_bits(got, want)
+    assert (want == 0).float().mean() < 0.9 and want.abs().max() > 0  # not all flushed: the check has teeth
+
+
+@pytest.mark.parametrize("granularity,static", [("tensor", 0.05), ("tensor", None), ("token", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_input_round_trip_is_the_reference(granularity, static, dtype):
+    x = _awkward_activation(5, 48, seed=3).to(dtype).reshape(5, 2, 24)
+    scale = None if static is None else torch.tensor(static)
+    got = cpu_lowering.fake_quantize_input(x, scale, "fp8_e4m3", granularity)
+    assert got.dtype == torch.float32 and _same_bits(got, ref.quantize_input(x, "fp8_e4m3", granularity, scale))
+
+
+def _four_bit_recipe(name: str) -> qc.Recipe:
+    return dataclasses.replace(qc.RECIPES[name], algorithm="max")
+
+
+@pytest.mark.parametrize("recipe", ["w4a8_awq", "nvfp4"])
+def test_compiled_4bit_layers_quantize_their_input_outside_the_kernel_call(recipe):
+    qm = qc.quantize(_mlp(), _four_bit_recipe(recipe), calib=_calib(), progress=False)
+    for rows in (3, 40):  # the 4-bit kernel's direct path and its dequantize-once path
+        x = torch.randn(2, rows, 64)
+        out, code = _compiled_code(torch.compile(qm), x)
+        calls = re.findall(r"torch\.ops\.qcompile\.cpu_(?:int4|nvfp4)_linear\.default\(([^\n]*)", code)
+        assert len(calls) == 2 and all("'none'" in call for call in calls), calls  # inputs come in as float32
+        assert re.search(r"(convert|static_cast)<(at::|c10::)?Float8_e4m3fn>", code) is None
+        with torch.no_grad():
+            assert torch.equal(out, qm(x))  # the eager model quantizes inside the call: the same values, same kernel
+
+
+@pytest.mark.parametrize("recipe", ["w4a8_awq", "nvfp4"])
+def test_compiled_4bit_layers_reject_non_finite_input(recipe):
+    compiled = torch.compile(qc.quantize(_mlp(), _four_bit_recipe(recipe), calib=_calib(), progress=False))
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        compiled(x)
+        x[1, 2, 3] = float("nan")
         with pytest.raises(ValueError, match="NaN or inf"):
             compiled(x)
