@@ -441,7 +441,7 @@ def fake_quantize_nvfp4_input(x2d: Tensor, global_scale: Tensor, block_size: int
     """A float32 activation's NVFP4 round trip with the calibrated global scale (`numerics.quantize_nvfp4`, then
     `dequantize_nvfp4`): the same steps without the codes and their packing, as aten ops inductor fuses."""
     m, k = x2d.shape
-    amax = x2d.abs().amax() if x2d.numel() else torch.zeros((), device=x2d.device)
+    amax = x2d.abs().amax()
     gs = global_scale.to(torch.float32).reshape(())
     gs = checked_input_scale(torch.where(gs == 0, torch.ones_like(gs), gs), amax)
     padded_k = -(-k // block_size) * block_size
@@ -461,8 +461,8 @@ def fake_quantize_input(x: Tensor, input_scale: Tensor | None, input_format: str
     """`torch_reference.quantize_input` of a CPU activation as aten ops (float32, x's shape), for the formats the
     4-bit kernels take quantized inputs in (FP8 per tensor or token, NVFP4 with a calibrated global scale); None
     for the rest."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() == 0:
-        return None
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.numel() == 0:
+        return None  # (an empty input: the kernel call returns the empty result)
     x2d = x.reshape(-1, x.shape[-1]).to(torch.float32)
     if input_format == "fp8_e4m3" and granularity in ("tensor", "token"):
         return fake_quantize_fp8_input(x2d, input_scale, granularity).reshape(x.shape)
@@ -482,6 +482,7 @@ def decompose_fp8_linear(x, weight, weight_scale, block_size, bias, input_scale,
     """
     if (
         x.device.type != "cpu"
+        or x.numel() == 0  # nothing to scale (a full amax of nothing is an error): the reference op returns it
         or block_size
         or input_format not in ("none", "fp8_e4m3")
         or input_granularity not in ("tensor", "token")

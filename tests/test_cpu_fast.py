@@ -1366,13 +1366,13 @@ def test_fp8_input_round_trip_is_the_reference(granularity, static, dtype):
     assert got.dtype == torch.float32 and _same_bits(got, ref.quantize_input(x, "fp8_e4m3", granularity, scale))
 
 
-def _four_bit_recipe(name: str) -> qc.Recipe:
+def _max_calibrated(name: str) -> qc.Recipe:
     return dataclasses.replace(qc.RECIPES[name], algorithm="max")
 
 
 @pytest.mark.parametrize("recipe", ["w4a8_awq", "nvfp4"])
 def test_compiled_4bit_layers_quantize_their_input_outside_the_kernel_call(recipe):
-    qm = qc.quantize(_mlp(), _four_bit_recipe(recipe), calib=_calib(), progress=False)
+    qm = qc.quantize(_mlp(), _max_calibrated(recipe), calib=_calib(), progress=False)
     for rows in (3, 40):  # the 4-bit kernel's direct path and its dequantize-once path
         x = torch.randn(2, rows, 64)
         out, code = _compiled_code(torch.compile(qm), x)
@@ -1385,10 +1385,20 @@ def test_compiled_4bit_layers_quantize_their_input_outside_the_kernel_call(recip
 
 @pytest.mark.parametrize("recipe", ["w4a8_awq", "nvfp4"])
 def test_compiled_4bit_layers_reject_non_finite_input(recipe):
-    compiled = torch.compile(qc.quantize(_mlp(), _four_bit_recipe(recipe), calib=_calib(), progress=False))
+    compiled = torch.compile(qc.quantize(_mlp(), _max_calibrated(recipe), calib=_calib(), progress=False))
     x = torch.randn(2, 7, 64)
     with torch.no_grad():
         compiled(x)
         x[1, 2, 3] = float("nan")
         with pytest.raises(ValueError, match="NaN or inf"):
             compiled(x)
+
+
+def test_compiled_fp8_takes_an_empty_batch():
+    """A static per-tensor scale: the decomposition's amax check has nothing to reduce."""
+    qm = qc.quantize(_mlp(), "fp8", calib=_calib(), progress=False)
+    compiled = torch.compile(qm)
+    with torch.no_grad():
+        compiled(torch.randn(2, 5, 64))
+        out = compiled(torch.empty(2, 0, 64))
+    assert out.shape == (2, 0, 32)
