@@ -122,6 +122,12 @@ def test_interpreter_suite():
 test_interpreter_suite.__test__ = not INTERPRETED
 
 
+def _gemv_id(value) -> str:
+    if isinstance(value, launch.GemvCfg):
+        return f"n{value.BLOCK_N}-kb{value.BLOCK_KB}-split{value.SPLIT_K}"
+    return str(value).replace("torch.", "")
+
+
 class TestInterpreter:
     __test__ = INTERPRETED
 
@@ -368,7 +374,7 @@ class TestInterpreter:
         (launch.GemvCfg(4, 16, 1), 1, torch.bfloat16), (launch.GemvCfg(4, 16, 1), 4, torch.float32),
         (launch.GemvCfg(8, 32, 3), 3, torch.float16), (launch.GemvCfg(8, 32, 3), 1, torch.float32),
         (launch.GemvCfg(16, 16, 2), 4, torch.float32), (launch.GemvCfg(16, 16, 2), 1, torch.bfloat16),
-    ], ids=lambda v: f"n{v.BLOCK_N}-kb{v.BLOCK_KB}-split{v.SPLIT_K}" if isinstance(v, launch.GemvCfg) else str(v).replace("torch.", ""))
+    ], ids=_gemv_id)
     def test_gemv_configurations_agree(self, cfg, m, dtype):
         """The CUDA-core GEMV of decode steps: N and K that no chunk divides, uneven split-K, bias, both weights."""
         x, w = make_x(m, 330, dtype, seed=75 + m), make_w(37, 330)
