@@ -106,6 +106,16 @@ def _torchao_variants(model, timed: dict, calib: list[dict]):
     ]
 
 
+def _built(build, freezing: bool, timed: dict):
+    """`build()`, compiled by a first call on `timed` under inductor's freezing flag, which dynamo reads when it
+    traces (torchao and torch.compile(qm) freeze through it; backend='quant' sets freezing for its own graphs)."""
+    with torch._inductor.config.patch(freezing=freezing):
+        compiled = build()
+        with torch.no_grad():
+            compiled(**timed)
+    return compiled
+
+
 def _qcompile_variants(model, calib: list[dict], recipes, progress: bool):
     def via_quantize(recipe):
         def build():
@@ -143,12 +153,7 @@ def bench_encoder(args) -> dict:
     for label, build, freezing in variants:
         torch._dynamo.reset()
         start = time.perf_counter()
-        # torchao and torch.compile(qm) freeze through inductor's global flag, which dynamo reads when it traces;
-        # backend='quant' sets freezing for its own graphs
-        with torch._inductor.config.patch(freezing=freezing):
-            compiled = build()
-            with torch.no_grad():
-                compiled(**timed)  # compiles
+        compiled = _built(build, freezing, timed)
         build_s = time.perf_counter() - start
         fp32_s, variant_s = _paired(model, compiled, timed, args.warmup, args.repeats)
         fp32_times.append(fp32_s)
@@ -170,25 +175,16 @@ def bench_versus(args) -> dict | None:
     model, tokenizer = hf.load_minilm()
     calib = hf.tokenize_batches(tokenizer, hf.news_sentences(64, offset=args.sentences), BATCH, SEQ, fixed_length=True)
     timed = hf.tokenize_batches(tokenizer, hf.news_sentences(BATCH), BATCH, SEQ, fixed_length=True)[0]
-    torchao = dict((label, build) for label, build, _ in _torchao_variants(model, timed, calib))
+    torchao = {label: (build, freezing) for label, build, freezing in _torchao_variants(model, timed, calib)}
     pt2e_label = next((label for label in torchao if "PT2E" in label), None)
     if pt2e_label is None:
         print("\n== versus: torchao is not installed, nothing to compare with", flush=True)
         return None
     print(f"\n== versus: all-MiniLM-L6-v2, batch {BATCH}x{SEQ}, {args.repeats} round-robin rounds", flush=True)
     torch._dynamo.reset()
-    models = {"FP32 eager": model}
-    with torch._inductor.config.patch(freezing=True):
-        models[pt2e_label] = torchao[pt2e_label]()
-        with torch.no_grad():
-            models[pt2e_label](**timed)
-    for recipe in ("int8_dynamic", "int8_sq"):
-        models[f"qcompile {recipe}: backend='quant'"] = _backend(model, recipe, calib)
-        # compiled (and frozen) at its first call: made inside the freezing patch, as PT2E's
-        label = f"qcompile {recipe}: torch.compile(qcompile.quantize(...)), freezing"
-        with torch._inductor.config.patch(freezing=True), torch.no_grad():
-            models[label] = torch.compile(qc.quantize(model, recipe, calib=calib, progress=False))
-            models[label](**timed)
+    models = {"FP32 eager": model, pt2e_label: _built(*torchao[pt2e_label], timed)}
+    for label, build, freezing in _qcompile_variants(model, calib, ("int8_dynamic", "int8_sq"), progress=False):
+        models[label] = _built(build, freezing, timed)
     times: dict[str, list[float]] = {label: [] for label in models}
     labels = list(models)
     with torch.no_grad():

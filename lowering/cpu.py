@@ -183,7 +183,7 @@ def _input_scale(x: Tensor, input_scale: Tensor | None, granularity: str, fmt_ma
     """
     amax = x.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x.abs().amax()
     scale = amax / fmt_max if input_scale is None else input_scale.to(torch.float32)
-    return torch.where(scale == 0, torch.ones_like(scale), scale), amax
+    return numerics._nonzero_scale(scale), amax
 
 
 def int8_codes(x: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -442,19 +442,16 @@ def fake_quantize_nvfp4_input(x2d: Tensor, global_scale: Tensor, block_size: int
     `dequantize_nvfp4`): the same steps without the codes and their packing, as aten ops inductor fuses."""
     m, k = x2d.shape
     amax = x2d.abs().amax()
-    gs = global_scale.to(torch.float32).reshape(())
-    gs = checked_input_scale(torch.where(gs == 0, torch.ones_like(gs), gs), amax)
-    padded_k = -(-k // block_size) * block_size
-    padded = F.pad(x2d, (0, padded_k - k)) if padded_k != k else x2d
-    blocks = padded.reshape(m, padded_k // block_size, block_size)
-    s = blocks.abs().amax(dim=-1, keepdim=True) / (numerics.E2M1_MAX * gs)
-    s = torch.where(s == 0, torch.ones_like(s), s)
+    gs = checked_input_scale(numerics._nonzero_scale(global_scale.to(torch.float32).reshape(())), amax)
+    padded = numerics._pad_last(x2d, block_size)
+    blocks = padded.reshape(m, padded.shape[-1] // block_size, block_size)
+    s = numerics._nonzero_scale(blocks.abs().amax(dim=-1, keepdim=True) / (numerics.E2M1_MAX * gs))
     block_scale = round_to_fp8_e4m3(torch.clamp(s, max=numerics.FP8_E4M3_MAX))
     denom = block_scale * gs
     underflow = denom == 0  # the reference gives such blocks code 0: +0.0
     scaled = blocks / torch.where(underflow, torch.ones_like(denom), denom)
     values = torch.where(underflow, 0.0, round_to_e2m1(scaled) * denom)
-    return values.reshape(m, padded_k)[:, :k]
+    return values.reshape(m, padded.shape[-1])[:, :k]
 
 
 def fake_quantize_input(x: Tensor, input_scale: Tensor | None, input_format: str, granularity: str) -> Tensor | None:
