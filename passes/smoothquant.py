@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from qcompile.passes.find_linears import LinearSite, constant_tensor
+from qcompile.passes.find_linears import LinearSite, constant_tensor, source_name
 from qcompile.passes.insert_observers import ActivationObserver
 
 aten = torch.ops.aten
@@ -29,6 +29,11 @@ ALPHA_GRID = tuple(i / 10 for i in range(0, 11))
 _SCALE_RANGE = (1e-4, 1e4)
 _LAYER_NORM = {aten.layer_norm.default, F.layer_norm, torch.layer_norm}
 _MUL = {aten.mul.Tensor, torch.mul, operator.mul}
+
+# Node metadata: the op input that is x * (1 / s) holds the constant's attribute name here.
+INPUT_MULTIPLIER = "qcompile_input_multiplier"
+# Node metadata: a constant that replaces a model parameter (a folded norm weight) holds that parameter's name.
+REPLACES = "qcompile_replaces"
 _LINEAR_BIAS_INDEX = {aten.linear.default: 2, F.linear: 2, torch._C._nn.linear: 2}
 
 
@@ -156,10 +161,17 @@ def _divide_producer(gm, group, scale, by_node, placeholder_values, prefix) -> N
         if previous is not None:
             _fold_into_linear(gm, previous, scale, placeholder_values, prefix)
             return
-    inverse = _constant_node(gm, f"{prefix}_inverse_scale", (1.0 / scale), group[0].node)
+    name = f"{prefix}_inverse_scale"
+    inverse = _constant_node(gm, name, (1.0 / scale), group[0].node)
+    value = producer.meta.get("val", producer.meta.get("example_value"))
     with gm.graph.inserting_before(_first_in_graph(gm, [site.node for site in group])):
         divided = gm.graph.call_function(aten.mul.Tensor, (producer, inverse))
+        if isinstance(value, torch.Tensor) and value.dtype != scale.dtype:
+            # a bf16/fp16 activation stays in its dtype (the float32 product rounded once), so that the rest of
+            # the graph (residual adds, norms) sees the dtype it was traced with
+            divided = gm.graph.call_function(aten._to_copy.default, (divided,), {"dtype": value.dtype})
     divided.meta.update({k: v for k, v in producer.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    divided.meta[INPUT_MULTIPLIER] = name  # read by QuantizedModel's module tree (qcompile.quantized_modules)
     for site in group:
         site.node.replace_input_with(producer, divided)
         site.input = divided
@@ -255,8 +267,15 @@ def _constant_node(gm: fx.GraphModule, name: str, value: Tensor, before: fx.Node
         return gm.graph.get_attr(name)
 
 
+def _mark_replacement(constant: fx.Node, original) -> None:
+    """Note which model parameter a new constant stands in for (its module keeps the same role)."""
+    if isinstance(original, fx.Node) and original.op in ("get_attr", "placeholder"):
+        constant.meta[REPLACES] = source_name(original)
+
+
 def _replace_constant_arg(gm, node, position, key, value, prefix, role) -> None:
     constant = _constant_node(gm, f"{prefix}_{role}", value, node)
+    _mark_replacement(constant, node.kwargs[key] if key is not None and key in node.kwargs else node.args[position])
     if key is not None and key in node.kwargs:
         node.update_kwarg(key, constant)
     else:
@@ -296,6 +315,7 @@ def _fold_into_norm(gm, producer: fx.Node, scale: Tensor, placeholder_values, pr
 
 def _set_norm_arg(gm, node, position, key, value, prefix):
     constant = _constant_node(gm, f"{prefix}_norm_{key}", value, node)
+    _mark_replacement(constant, _arg(node, position, key))
     if key in node.kwargs:
         node.update_kwarg(key, constant)
         return

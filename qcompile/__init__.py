@@ -28,7 +28,7 @@ from torch import nn
 
 from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
 from qcompile.calibration import calibrate, first_batch, run_calibration
-from qcompile.capture import capture
+from qcompile.capture import capture, module_tree
 from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq, wants_hessian
 from qcompile.model import QuantizedModel, load
 from qcompile.lowering.onnx import export_onnx
@@ -71,7 +71,8 @@ def quantize(
         raise NotImplementedError("KV-cache quantization (Recipe.kv_cache) is not implemented yet")
     args, kwargs, calib = _example_call(example_inputs, example_kwargs, calib)
 
-    graph = capture(model, args, kwargs)
+    tree = module_tree(model)
+    graph = capture(tree, args, kwargs)
     sites = [site for site in find_linears(graph) if not recipe.excludes(site.name)]
     if not sites:
         warnings.warn(

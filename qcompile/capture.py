@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
+import itertools
 from typing import Any
 
 import torch
@@ -45,12 +48,44 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.
         )
 
 
+def module_tree(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s module tree that shares its tensors, with fused MoE experts as per-expert linears
+    (`qcompile.moe`): what is captured, and what `QuantizedModel` later runs for generation. The caller's model
+    is never modified."""
+    from qcompile.moe import unfuse_experts
+
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    tree = copy.deepcopy(model, shared)
+    unfuse_experts(tree)
+    return tree
+
+
+@contextlib.contextmanager
+def caches_off(model: nn.Module):
+    """Hugging Face models return their KV cache (a `DynamicCache` object, not a tensor) unless told otherwise.
+    A captured forward computes the whole sequence, so it needs no cache: switch `use_cache` off in every config
+    of the model while it is traced (the caller's call may still pass `use_cache` explicitly)."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    saved = []
+    for config in configs.values():
+        for holder in (config, *(getattr(config, name, None) for name in ("text_config", "decoder", "encoder"))):
+            if holder is not None and getattr(holder, "use_cache", None):
+                saved.append(holder)
+                holder.use_cache = False
+    try:
+        yield
+    finally:
+        for holder in saved:
+            holder.use_cache = True
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """The model as a graph module that is called like the model (parameters held as attributes)."""
     was_training = model.training
     model.eval()
     try:
-        program = export_program(model, args, kwargs)
+        with caches_off(model):
+            program = export_program(model, args, kwargs)
     finally:
         model.train(was_training)
     return program.module()

@@ -19,8 +19,9 @@ KV_CACHE_FORMATS = ("fp8", "nvfp4")
 ELEMENT_BITS = {"int8": 8, "int4": 4, "int3": 3, "fp8_e4m3": 8, "nvfp4": 4}
 
 # Module names never quantized unless the user says otherwise: the output head and embeddings are small in
-# compute and large in accuracy cost (as in Model Optimizer's default configs).
-DEFAULT_EXCLUDE = ("*lm_head*", "*embed*", "*wte*", "*wpe*")
+# compute and large in accuracy cost, and MoE routers (`mlp.gate`, `router`, Qwen's `shared_expert_gate`) decide
+# which experts run, where a small error changes the computation itself.
+DEFAULT_EXCLUDE = ("*lm_head*", "*embed*", "*wte*", "*wpe*", "*.gate", "*router*", "*shared_expert_gate")
 
 
 @dataclass(frozen=True)
