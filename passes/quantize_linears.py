@@ -12,6 +12,9 @@ from qcompile import numerics
 from qcompile.passes.find_linears import LinearSite, refresh_input
 from qcompile.recipes import QuantSpec, Recipe
 
+# Node metadata: the name of the layer (module path) a quantized op node replaced.
+LAYER_NAME = "qcompile_layer"
+
 # Largest representable magnitude per activation format, for static scales: scale = amax / QMAX.
 _INPUT_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "nvfp4": 6.0 * 448.0}
 
@@ -238,6 +241,7 @@ def quantize_linears(
             )
             new_node = gm.graph.call_function(_OP_FOR_FORMAT[recipe.weights.format], args)
         new_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack")})
+        new_node.meta[LAYER_NAME] = site.name
         site.node.replace_all_uses_with(new_node)
         gm.graph.erase_node(site.node)
         _erase_float_weight(gm, site)

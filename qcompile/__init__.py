@@ -99,7 +99,7 @@ def quantize(
 
     float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     layers = convert(graph, sites, recipe, observers, calibration_forward=calibration_forward, progress=progress)
-    return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes)
+    return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes, tree)
 
 
 def _example_call(example_inputs, example_kwargs, calib):

@@ -37,6 +37,7 @@ class QuantizedModel(nn.Module):
         example: tuple[tuple, dict],
         algorithm: str,
         float_bytes: int | None = None,
+        tree: nn.Module | None = None,
     ):
         super().__init__()
         self.graph_module = graph_module
@@ -55,6 +56,14 @@ class QuantizedModel(nn.Module):
                     if id(param) not in frozen:
                         frozen[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
                     module._parameters[key] = frozen[id(param)]
+        # The model's own module tree with the quantized layers installed (`qcompile.quantized_modules`), for
+        # calls the graph was not captured for (a KV cache, attention masks) and `generate`. Held outside the
+        # module tree of `self` (not in the state dict; its tensors are the graph's).
+        if tree is not None:
+            from qcompile.quantized_modules import build_quantized_tree
+
+            tree = build_quantized_tree(tree, graph_module)
+        object.__setattr__(self, "_tree", tree)
         self._build_graph_variants()
 
     def _build_graph_variants(self) -> None:
@@ -109,16 +118,93 @@ class QuantizedModel(nn.Module):
         object.__setattr__(self, "_frozen_graph_module", variant if onednn.rewrite_int8_linears(variant) else None)
 
     def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() replace the tensors
+        """.to() / .cuda() / .half() replace the tensors. Quantized weights and their scales keep their dtype
+        (a bf16 scale would change the numerics); a new float dtype for the rest is traced anew from the module
+        tree, since a graph's dtype casts were fixed when it was captured."""
+        new_dtype = fn(torch.zeros((), dtype=torch.float32)).dtype
+        if new_dtype != torch.float32 and self._tree is None and _float_dtype(self.graph_module) != new_dtype:
+            raise ValueError(
+                f"this model was captured in {_float_dtype(self.graph_module)} and cannot be converted to {new_dtype} "
+                "(a loaded checkpoint has no module tree to trace again): quantize the model in the dtype you need"
+            )
+        protected = {id(t) for t in _quantization_tensors(self.graph_module)}
+
+        def keep_quantized(t):
+            out = fn(t)
+            return out.to(t.dtype) if id(t) in protected and out.dtype != t.dtype else out
+
+        previous_dtype = _float_dtype(self.graph_module)
+        slots = self._tree_slots()
+        result = super()._apply(keep_quantized, *args, **kwargs)
+        if self._tree is not None:
+            self._tree._apply(keep_quantized)
+            graph_tensors = {**dict(self.graph_module.named_buffers(remove_duplicate=False)),
+                             **dict(self.graph_module.named_parameters(remove_duplicate=False))}
+            for table, key, name in slots:  # the tree shares the graph's converted tensors again
+                table[key] = graph_tensors[name]
+            if _float_dtype(self.graph_module) != previous_dtype:
+                self._retrace()
         self._build_graph_variants()
         return result
+
+    def _tree_slots(self) -> dict:
+        """[(tensor table of a tree module, key, graph tensor name)] for the tree's tensors that are the graph's."""
+        if self._tree is None:
+            return []
+        names = {}
+        for name, t in [*self.graph_module.named_buffers(remove_duplicate=False),
+                        *self.graph_module.named_parameters(remove_duplicate=False)]:
+            names.setdefault(id(t), name)
+        return [(getattr(m, kind), key, names[id(t)])
+                for m in self._tree.modules() for kind in ("_parameters", "_buffers")
+                for key, t in getattr(m, kind).items() if t is not None and id(t) in names]
+
+    def _retrace(self) -> None:
+        """Capture the graph again from the module tree (after a change of float dtype)."""
+        from qcompile.capture import capture
+
+        dtype = _float_dtype(self._tree)
+        args, kwargs = pytree.tree_map(
+            lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, self._example)
+        self._example = (args, kwargs)
+        self.graph_module = capture(self._tree, args, kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._build_graph_variants()  # assign=True replaces the tensors
         return result
 
+    def generate(self, *args, **kwargs):
+        """Hugging Face generation (`GenerationMixin.generate`) with the quantized layers and a KV cache."""
+        if self._tree is None or not hasattr(self._tree, "generate"):
+            raise TypeError(self._no_tree_reason("generate"))
+        return self._tree.generate(*args, **kwargs)
+
+    def as_module(self) -> nn.Module:
+        """The model's own module tree with every quantized linear as a `QuantizedLinear` (the graph's tensors)."""
+        if self._tree is None:
+            raise TypeError(self._no_tree_reason("as_module"))
+        return self._tree
+
+    def _no_tree_reason(self, what: str) -> str:
+        return (f"{what}() needs the model's module tree, which a QuantizedModel returned by qcompile.quantize "
+                "holds and a loaded checkpoint does not (it holds the captured graph only)")
+
+    def _matches_capture(self, args: tuple, kwargs: dict) -> bool:
+        example_args, example_kwargs = self._example
+        return len(args) == len(example_args) and set(kwargs) == set(example_kwargs)
+
     def forward(self, *args, **kwargs):
+        if not self._matches_capture(args, kwargs):
+            # other keywords than the captured call (attention_mask, past_key_values, ...): the model's own code
+            if self._tree is not None:
+                return self._tree(*args, **kwargs)
+            example_args, example_kwargs = self._example
+            raise TypeError(
+                f"this model was captured for calls with {len(example_args)} positional inputs and keywords "
+                f"{sorted(example_kwargs)}, got {len(args)} and {sorted(kwargs)} (a loaded checkpoint runs its "
+                "captured call only)"
+            )
         graph_module = self.graph_module
         if torch.compiler.is_compiling():
             if self._frozen_graph_module is not None and _inductor_freezes():
@@ -244,6 +330,31 @@ def _inductor_freezes() -> bool:
     from torch._inductor import config
 
     return bool(config.freezing) and not torch.is_grad_enabled()
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's floating-point parameters (the model's compute dtype)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def _quantization_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The tensors of the quantized layers' formats (codes, scales, input scales, input multipliers): they keep
+    their dtype when the model's is changed."""
+    from qcompile.ops import QUANTIZED_LINEAR_OPS
+
+    tensors = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in QUANTIZED_LINEAR_OPS:
+            names = [a.name for a in node.target._schema.arguments]
+            for name, arg in zip(names, node.args):
+                if name not in ("x", "bias") and isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    tensors.append(gm.get_buffer(str(arg.target)))
+        elif node.op == "get_attr" and str(node.target).endswith(("_inverse_scale", "input_multiplier")):
+            tensors.append(gm.get_buffer(str(node.target)))
+    return tensors
 
 
 def load(directory: str | os.PathLike) -> QuantizedModel:
