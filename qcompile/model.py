@@ -141,7 +141,10 @@ class QuantizedModel(nn.Module):
             graph_tensors = {**dict(self.graph_module.named_buffers(remove_duplicate=False)),
                              **dict(self.graph_module.named_parameters(remove_duplicate=False))}
             for table, key, name in slots:  # the tree shares the graph's converted tensors again
-                table[key] = graph_tensors[name]
+                value = graph_tensors[name]
+                if isinstance(table[key], nn.Parameter) and not isinstance(value, nn.Parameter):
+                    value = nn.Parameter(value, requires_grad=False)
+                table[key] = value
             if _float_dtype(self.graph_module) != previous_dtype:
                 self._retrace()
         self._build_graph_variants()
