@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -274,6 +275,9 @@ class QuantizedModel(nn.Module):
             "float_bytes": self.float_bytes,
             "layers": [layer.to_json() for layer in self.layers],
             "example": _example_to_json(args, kwargs),
+            # modules whose import registers the container types of the call's inputs and outputs (Hugging Face
+            # ModelOutput classes register themselves with pytree when their module is imported)
+            "pytree_modules": _pytree_modules(program),
         }
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +314,14 @@ class QuantizedModel(nn.Module):
         tensors = load_file(directory / _WEIGHTS_FILE)
         import qcompile.ops  # noqa: F401  (the program's ops must be registered before it is deserialized)
 
+        for module in meta.get("pytree_modules", []):
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ImportError(f"{directory}: the model's inputs/outputs are types of {module!r}, which cannot be "
+                                  f"imported here ({error}); install the package that provides it") from error
         program_json = (directory / _PROGRAM_FILE).read_bytes()
+        _check_tensors(directory / _WEIGHTS_FILE, json.loads(program_json), tensors)
         state_dict, constants = _split_state(program_json, tensors)
         examples = load_file(directory / _EXAMPLE_FILE)
         args, kwargs = _example_from_json(meta["example"], examples)
@@ -377,6 +388,52 @@ def _replace_directory(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:
+    """The modules defining the non-builtin container types of the program's call signature."""
+    modules = set()
+
+    def walk(spec):
+        if spec is None or spec.is_leaf():
+            return
+        module = getattr(spec.type, "__module__", "builtins")
+        if module not in ("builtins", "collections") and not module.startswith("torch."):
+            modules.add(module)
+        for child in spec.children():
+            walk(child)
+
+    walk(program.call_spec.in_spec)
+    walk(program.call_spec.out_spec)
+    return sorted(modules)
+
+
+def _check_tensors(path: Path, program: dict, tensors: dict) -> None:
+    """Every tensor the program reads must be in the file with the shape and dtype the program was built with:
+    an edited or corrupted checkpoint is an error, never a silent change of outputs."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    graph = program["graph_module"]
+    values = graph["graph"]["tensor_values"]
+    read = set()
+    for spec in graph["signature"]["input_specs"]:
+        body = next(iter(spec.values()))
+        name = body.get("parameter_name") or body.get("buffer_name") or body.get("tensor_constant_name")
+        arg = body.get("arg", {}).get("name")
+        if name is None or arg not in values:
+            continue
+        read.add(name)
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name!r} is missing (the program reads it)")
+        meta, tensor = values[arg], tensors[name]
+        dtype = _SERIALIZE_TO_TORCH_DTYPE[meta["dtype"]]
+        shape = [size.get("as_int") for size in meta["sizes"]]
+        if tensor.dtype != dtype or list(tensor.shape) != shape:
+            raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, the program expects "
+                             f"{dtype} {shape} (the checkpoint was edited or corrupted)")
+    extra = sorted(set(tensors) - read)
+    if extra:
+        raise ValueError(f"{path}: tensors {extra[:5]} are not read by the program (the checkpoint was edited)")
 
 
 def _split_state(program_json: bytes, tensors: dict) -> tuple[dict, dict]:
