@@ -308,7 +308,8 @@ def gptq_sequential(
     act_order: bool = False,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """GPTQ with sequential calibration; returns each layer's input amax as the quantized model feeds it.
+    """GPTQ with sequential calibration; returns each layer's input amax as the quantized model feeds it (None
+    for a layer that saw no row).
 
     `calibration_forward(model)` calls `model(...)` once per calibration batch (as `qcompile.quantize` does with
     `calib`). `site.weight` becomes each layer's GPTQ weight; the graph itself is left as it was.
@@ -334,10 +335,13 @@ def gptq_sequential(
                 rows += x.shape[0]
                 if x.numel():
                     amax = torch.maximum(amax, x.abs().amax())
-            _quantize_group(group, xtx * (2.0 / max(rows, 1)), spec, act_order)
+            if rows:
+                _quantize_group(group, xtx * (2.0 / rows), spec, act_order)
             del xtx
             for site in group:
-                input_amax[site.name] = amax
+                # no row (an MoE expert no token was routed to): the weight stays as it is, rounded to nearest,
+                # and None tells the caller that this layer has no measured range
+                input_amax[site.name] = amax if rows else None
                 runner.overrides[site.node] = site
             if k + 1 < len(groups):
                 for env in records:

@@ -30,6 +30,7 @@ class LayerReport:
     in_features: int
     weight_bytes: int
     weight_sqnr_db: float
+    calibration: str = ""  # how the layer was calibrated, where it differs from the recipe's algorithm
 
     @property
     def bits_per_weight(self) -> float:

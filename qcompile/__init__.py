@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
-from qcompile.calibration import calibrate, first_batch, run_calibration
+from qcompile.calibration import calibrate, describe_call, first_batch, run_calibration
 from qcompile.capture import capture, module_tree
 from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq, wants_hessian
 from qcompile.model import QuantizedModel, load
@@ -91,10 +91,11 @@ def quantize(
         # static input ranges, measured behind the already-quantized layers).
         if calib is None:
             raise ValueError(f"recipe {recipe.name!r} runs GPTQ, which needs calibration data: pass calib=[batch, ...]")
-        calibration_forward = functools.partial(run_calibration, calib=calib, desc="gptq inputs", progress=progress)
+        calibration_forward = functools.partial(run_calibration, calib=calib, desc="gptq inputs", progress=progress,
+                                                expected=describe_call(args, kwargs))
     elif needs_calibration(recipe):
         observers = insert_observers(graph, sites, keep_rows=rows_to_keep(recipe), hessian=wants_hessian(recipe))
-        run_calibration(graph, calib, progress=progress)
+        run_calibration(graph, calib, progress=progress, expected=describe_call(args, kwargs))
         remove_observers(graph)
 
     float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -20,8 +20,24 @@ def as_call(batch: Any) -> tuple[tuple, dict]:
     return (batch,), {}
 
 
+def as_batches(calib):
+    """A bare tensor or dict is one batch, not a sequence of rows or keys: wrap it in a list."""
+    return [calib] if isinstance(calib, (torch.Tensor, Mapping)) else calib
+
+
+def describe_call(args: tuple, kwargs: dict) -> str:
+    """`(Tensor[2, 12] int64, input_ids=Tensor[2, 12] int64)`: a call's signature, for error messages."""
+    def one(value):
+        if isinstance(value, torch.Tensor):
+            return f"Tensor{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+        return type(value).__name__ if not isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+    return "(" + ", ".join([*(one(a) for a in args), *(f"{k}={one(v)}" for k, v in kwargs.items())]) + ")"
+
+
 def first_batch(calib: Iterable) -> tuple[Any, Iterable]:
     """Peek at the first batch of any iterable; returns it and an iterable that still yields every batch."""
+    calib = as_batches(calib)
     if isinstance(calib, (list, tuple)):
         return (calib[0] if calib else None), calib
     iterator = iter(calib)
@@ -33,9 +49,12 @@ def first_batch(calib: Iterable) -> tuple[Any, Iterable]:
 
 
 def run_calibration(
-    model: Callable, calib: Iterable | Callable | None, *, desc: str = "calibrating", progress: bool = True
+    model: Callable, calib: Iterable | Callable | None, *, desc: str = "calibrating", progress: bool = True,
+    expected: str | None = None,
 ) -> int:
-    """Run every batch through `model` (or call `calib(model)`, a forward loop); returns the batches seen."""
+    """Run every batch through `model` (or call `calib(model)`, a forward loop); returns the batches seen.
+    `expected` describes the captured call, for the error raised by a batch that does not fit it."""
+    calib = as_batches(calib)
     if calib is None:
         raise ValueError("this recipe has static scales and needs calibration data: pass calib=[batch, ...]")
     batches = 0
@@ -46,7 +65,13 @@ def run_calibration(
         total = len(calib) if hasattr(calib, "__len__") else None
         for batch in tqdm(calib, desc=desc, total=total, disable=not progress, unit="batch", leave=False):
             args, kwargs = as_call(batch)
-            model(*args, **kwargs)
+            try:
+                model(*args, **kwargs)
+            except Exception as error:
+                if expected is None or "calibration data gives NaN" in str(error):
+                    raise
+                raise ValueError(f"calibration batch {batches} {describe_call(args, kwargs)} does not fit the model "
+                                 f"captured for {expected}: {error}") from error
             batches += 1
     if batches == 0:
         raise ValueError("the calibration set is empty: a recipe with static scales needs at least one batch")

@@ -5,8 +5,11 @@ Shared by both entry points (`qcompile.quantize` and the `torch.compile` backend
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor, fx
 
 from qcompile import numerics
@@ -85,6 +88,33 @@ def input_fake_quantizer(recipe: Recipe):
     return fake_quantize
 
 
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def uncalibrated_experts(input_amax: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+    """For MoE experts that no calibration token was routed to (amax None): the largest input range of the same
+    projection in the layer's other experts, the range the router could send them. Any other layer with no data
+    is an error: the calibration never reached it."""
+    def projection(name: str) -> str | None:  # the name with its expert index wildcarded
+        return _EXPERT.sub(".experts.*.", name) if _EXPERT.search(name) else None
+
+    fallbacks = {}
+    for name, amax in input_amax.items():
+        if amax is not None:
+            continue
+        siblings = [a for other, a in input_amax.items()
+                    if a is not None and projection(name) is not None and projection(other) == projection(name)]
+        if not siblings:
+            raise ValueError(f"layer {name!r} saw no calibration data: the calibration never reached it")
+        fallbacks[name] = torch.stack([a.float().reshape(()) for a in siblings]).amax()
+    if fallbacks:
+        warnings.warn(f"{len(fallbacks)} MoE expert layers saw no calibration token ({', '.join(list(fallbacks)[:4])}"
+                      f"{', ...' if len(fallbacks) > 4 else ''}): quantized from their weights alone, with the input "
+                      "range of their sibling experts; calibrate with more tokens to cover every expert",
+                      stacklevel=3)
+    return fallbacks
+
+
 def convert(
     gm: fx.GraphModule,
     sites: list[LinearSite],
@@ -102,9 +132,10 @@ def convert(
     before it). Without it GPTQ reads one-shot Hessians from the observers (built with `wants_hessian`).
     """
     observers = observers or {}
-    for name, observer in observers.items():
-        if observer.amax is None:
-            raise ValueError(f"layer {name!r} saw no calibration data: the calibration never reached it")
+    # a layer that saw only empty inputs (an expert no token was routed to) has no measured range
+    fallbacks = uncalibrated_experts({name: obs.amax if obs.rows_seen else None for name, obs in observers.items()})
+    observers = {name: obs for name, obs in observers.items() if name not in fallbacks}
+    all_sites, sites = sites, [site for site in sites if site.name not in fallbacks]
     input_amax = {name: observer.amax for name, observer in observers.items()}
     if recipe.algorithm == "smoothquant":
         alpha = None if recipe.alpha == "search" else float(recipe.alpha)
@@ -124,7 +155,10 @@ def convert(
     elif runs_gptq(recipe):
         references = {site.name: site.weight for site in sites}
         if calibration_forward is not None:
-            input_amax.update(gptq.gptq_sequential(gm, sites, recipe.weights, calibration_forward, progress=progress))
+            measured = gptq.gptq_sequential(gm, sites, recipe.weights, calibration_forward, progress=progress)
+            unseen = uncalibrated_experts(measured)  # their weights were left round-to-nearest
+            input_amax.update({**measured, **unseen})
+            fallbacks.update(unseen)
         else:
             missing = [site.name for site in sites if observers.get(site.name) is None or observers[site.name].xtx is None]
             if missing:
@@ -134,8 +168,11 @@ def convert(
                 )
             gptq.gptq_from_hessians(sites, {name: obs.hessian for name, obs in observers.items()}, recipe.weights,
                                     progress=progress)
-    reports = quantize_linears(gm, sites, recipe, input_amax)
-    for report, site in zip(reports, sites):
+    input_amax.update(fallbacks)
+    reports = quantize_linears(gm, all_sites, recipe, input_amax)
+    for report, site in zip(reports, all_sites):
+        if site.name in fallbacks:
+            report.calibration = "no tokens routed here: max weights, input range of its sibling experts"
         if site.name in references:
             dequantized = fake_quantize_weight(site.weight.detach(), recipe.weights)
             report.weight_sqnr_db = _sqnr_db(references[site.name].detach(), dequantized)

@@ -246,7 +246,9 @@ class QuantizedModel(nn.Module):
         finite = [layer.weight_sqnr_db for layer in self.layers if not math.isinf(layer.weight_sqnr_db)]
         mean_sqnr = f"{sum(finite) / len(finite):.1f}" if finite else "inf"
         bits = f"{8 * weight_bytes / elements:.2f}" if elements else "-"
-        rows.append((f"total: {len(self.layers)} layers", "", "", f"{elements} weights", bits, mean_sqnr))
+        experts = sum(1 for layer in self.layers if ".experts." in layer.name)
+        total = f"total: {len(self.layers)} layers" + (f" ({experts} in MoE experts)" if experts else "")
+        rows.append((total, "", "", f"{elements} weights", bits, mean_sqnr))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
         lines = [header]
         for i, row in enumerate(rows):
@@ -257,6 +259,10 @@ class QuantizedModel(nn.Module):
         if self.float_bytes:
             size += f" (float: {self.float_bytes:,}, {self.float_bytes / self.model_bytes:.2f}x smaller)"
         lines.append(size)
+        notes = [layer for layer in self.layers if layer.calibration]
+        if notes:
+            lines.append(f"{len(notes)} layers calibrated otherwise: " + "; ".join(
+                f"{layer.name}: {layer.calibration}" for layer in notes[:8]) + ("; ..." if len(notes) > 8 else ""))
         return "\n".join(lines)
 
     # -- checkpoint ---------------------------------------------------------------------------------------------

@@ -90,16 +90,20 @@ class UnfusedExperts(nn.Module):
         # the float expert weights are not kept alive once the experts are quantized
         gating = copy.copy(fused)
         gating._parameters, gating._buffers = {}, {}
-        self.experts = nn.ModuleList(ExpertMLP(fused, e, gating) for e in range(fused.num_experts))
-        if getattr(fused, "has_post_expert_norm", False):
-            self.post_expert_norm = fused.post_expert_norm
+        # children named 0..E-1, so that layers are named `...experts.<e>.gate_proj` as in per-expert checkpoints
+        for e in range(fused.num_experts):
+            self.add_module(str(e), ExpertMLP(fused, e, gating))
 
     def __getitem__(self, index: int) -> ExpertMLP:
-        return self.experts[index]
+        return self.get_submodule(str(index))
+
+    def __len__(self) -> int:
+        return self.num_experts
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
-        for index, expert in enumerate(self.experts):
+        for index in range(self.num_experts):
+            expert = self[index]
             # every expert runs on its tokens (possibly none): no data-dependent loop, so the graph captures
             token, slot = torch.where(top_k_index == index)
             routed = expert(hidden_states[token]) * top_k_weights[token, slot, None]
