@@ -200,7 +200,8 @@ def _fmt(metric) -> str:
 
 def smollm2(args, watch, wanted, progress, rows, save) -> None:
     with watch.stage("SmolLM2-135M: load GGUF"):
-        model, tokenizer = hf.load_smollm2()
+        model, tokenizer = hf.load_smollm2()  # as from_pretrained returns it (KV cache on)
+        model = model.to(getattr(torch, args.dtype))
     with watch.stage("SmolLM2-135M: tokenize"):
         eval_windows = qeval.token_windows(tokenizer, hf.wiki_text(), args.windows, args.length)
         calib_windows = qeval.token_windows(tokenizer, hf.news_text(), args.calib_windows, args.length)
@@ -208,7 +209,8 @@ def smollm2(args, watch, wanted, progress, rows, save) -> None:
     def evaluate(m):
         return qeval.perplexity(m, eval_windows, progress=progress)
 
-    run_model("SmolLM2-135M", model, calib_windows, evaluate, wanted, watch, progress, rows, save)
+    name = "SmolLM2-135M" if args.dtype == "float32" else f"SmolLM2-135M {args.dtype}"
+    run_model(name, model, calib_windows, evaluate, wanted, watch, progress, rows, save)
 
 
 def minilm(args, watch, wanted, progress, rows, save) -> None:
@@ -264,6 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=512, help="tokens per window")
     parser.add_argument("--sentences", type=int, default=256, help="MiniLM evaluation sentences")
     parser.add_argument("--calib-sentences", type=int, default=64, help="MiniLM calibration sentences")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="SmolLM2's dtype (the GGUF is dequantized to float32, then converted)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines still print)")
     args = parser.parse_args(argv)

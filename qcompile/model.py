@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from qcompile.capture import export_program
 from qcompile.passes.quantize_linears import LayerReport
+from qcompile.quantized_modules import build_quantized_tree, freeze_parameters
 from qcompile.recipes import QuantSpec, Recipe
 
 FORMAT_VERSION = 1
@@ -48,21 +49,12 @@ class QuantizedModel(nn.Module):
         self.float_bytes = float_bytes
         self._example = example
         # Inference only (the qcompile:: ops have no autograd formulas): leftover float parameters (biases, norms)
-        # must not require grad, or torch.compile(qm) traces a backward and fails. Rebind detached copies (same
-        # storage, ties kept) instead of flipping requires_grad on parameters shared with the caller's model.
-        frozen: dict[int, nn.Parameter] = {}
-        for module in graph_module.modules():
-            for key, param in list(module._parameters.items()):
-                if param is not None and param.requires_grad:
-                    if id(param) not in frozen:
-                        frozen[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
-                    module._parameters[key] = frozen[id(param)]
+        # must not require grad, or torch.compile(qm) traces a backward and fails.
+        freeze_parameters(graph_module)
         # The model's own module tree with the quantized layers installed (`qcompile.quantized_modules`), for
         # calls the graph was not captured for (a KV cache, attention masks) and `generate`. Held outside the
         # module tree of `self` (not in the state dict; its tensors are the graph's).
         if tree is not None:
-            from qcompile.quantized_modules import build_quantized_tree
-
             tree = build_quantized_tree(tree, graph_module)
         object.__setattr__(self, "_tree", tree)
         self._build_graph_variants()
@@ -184,6 +176,11 @@ class QuantizedModel(nn.Module):
             raise TypeError(self._no_tree_reason("generate"))
         return self._tree.generate(*args, **kwargs)
 
+    @property
+    def config(self):
+        """The Hugging Face config of the model it came from (None for other models and loaded checkpoints)."""
+        return getattr(self._tree, "config", None)
+
     def as_module(self) -> nn.Module:
         """The model's own module tree with every quantized linear as a `QuantizedLinear` (the graph's tensors)."""
         if self._tree is None:
@@ -222,6 +219,13 @@ class QuantizedModel(nn.Module):
         except AssertionError as error:
             if "Guard failed" not in str(error):
                 raise
+            if self._tree is not None and not torch.compiler.is_compiling():
+                # a size the model's code branches on (batch 1 after a batch-2 capture, a single token): the same
+                # quantized layers through the model's own code, with the cache off as in the captured call
+                from qcompile.capture import caches_off
+
+                with caches_off(self._tree):
+                    return self._tree(*args, **kwargs)
             raise ValueError(
                 f"these inputs fall outside the shapes the model was captured for ({error}); the model's own code "
                 "branches on this size, so quantize again with example inputs of this shape"

@@ -110,15 +110,20 @@ def build_quantized_tree(tree: nn.Module, gm: fx.GraphModule) -> nn.Module:
         quantized = QuantizedLinear(node.target, arguments, weight_shape[1], weight_shape[0], multiplier)
         parent_name, _, attr = layer.rpartition(".")
         setattr(tree.get_submodule(parent_name) if parent_name else tree, attr, quantized)
-    # inference only, as the graph; parameters still shared with the caller's model get frozen copies
+    freeze_parameters(tree)  # inference only, as the graph
+    return tree.eval()
+
+
+def freeze_parameters(root: nn.Module) -> None:
+    """Parameters that require grad become detached copies that do not (same storage, ties kept), instead of
+    flipping requires_grad on parameters shared with the caller's model."""
     frozen: dict[int, nn.Parameter] = {}
-    for module in tree.modules():
+    for module in root.modules():
         for key, parameter in list(module._parameters.items()):
             if parameter is not None and parameter.requires_grad:
                 if id(parameter) not in frozen:
                     frozen[id(parameter)] = nn.Parameter(parameter.detach(), requires_grad=False)
                 module._parameters[key] = frozen[id(parameter)]
-    return tree.eval()
 
 
 def _is_linear_module(module: nn.Module) -> bool:

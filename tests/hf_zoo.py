@@ -56,7 +56,7 @@ def qwen2_moe(seed=0, dtype=torch.float32):
 def t5(seed=0, dtype=torch.float32):
     from transformers import T5Config, T5ForConditionalGeneration
     return _build(T5Config, T5ForConditionalGeneration, seed, dtype, d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                  num_heads=4, vocab_size=128)
+                  num_heads=4, vocab_size=128, decoder_start_token_id=0)
 
 
 def bert(seed=0, dtype=torch.float32):

@@ -222,3 +222,40 @@ def test_load_refuses_edited_checkpoint(tmp_path):
         qcompile.load(tmp_path / "ck")
     save_file(tensors, weights)
     assert isinstance(qcompile.load(tmp_path / "ck"), qcompile.QuantizedModel)
+
+
+def test_sizes_the_graph_was_not_captured_for():
+    """Batch 1 and single tokens, after a batch-2 capture (the model's code branches on both): the calls run the
+    same quantized layers through the model's own code; rows are independent under per-token scales."""
+    model = hf_zoo.llama()
+    qm = qcompile.quantize(model, "int8_dynamic", calib=hf_zoo.batches("llama"), progress=False)
+    x = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+    full = qm(input_ids=x).logits
+    torch.testing.assert_close(qm(input_ids=x[:1]).logits, full[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qm(input_ids=x[:, :1]).logits, full[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_generate_equals_recomputation():
+    model = hf_zoo.t5()
+    batches = hf_zoo.batches("t5")
+    qm = qcompile.quantize(model, "int8_sq", calib=batches, progress=False)
+    source = batches[0]["input_ids"]
+    generated = qm.generate(source, max_new_tokens=6, do_sample=False)
+    sequence = generated[:, :1]  # the decoder start token
+    for _ in range(6):  # the captured graph (encoder and decoder) on the whole sequence at every step
+        logits = qm(input_ids=source, decoder_input_ids=sequence).logits
+        sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+def test_moe_onnx_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from qcompile.lowering.onnx import onnxruntime_session
+
+    model = hf_zoo.mixtral()
+    batches = hf_zoo.batches("mixtral")
+    qm = qcompile.quantize(model, "int8_dynamic", calib=batches, progress=False)
+    qcompile.export_onnx(qm, tmp_path / "mixtral.onnx")
+    session = onnxruntime_session(tmp_path / "mixtral.onnx")
+    out = session.run(None, {"input_ids": batches[1]["input_ids"].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), qm(**batches[1]).logits, rtol=1e-4, atol=1e-4)
