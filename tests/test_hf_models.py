@@ -259,3 +259,37 @@ def test_moe_onnx_export(tmp_path):
     session = onnxruntime_session(tmp_path / "mixtral.onnx")
     out = session.run(None, {"input_ids": batches[1]["input_ids"].numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), qm(**batches[1]).logits, rtol=1e-4, atol=1e-4)
+
+
+class _ListExperts(torch.nn.Module):
+    """An MoE block with its experts as a ModuleList of linears (the layout of older checkpoints)."""
+
+    def __init__(self, hidden=32, inner=48, experts=4, top_k=2):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"w1": torch.nn.Linear(hidden, inner, bias=False),
+                                 "w2": torch.nn.Linear(inner, hidden, bias=False)}) for _ in range(experts))
+        self.top_k = top_k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(torch.softmax(self.gate(flat), dim=-1), self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == index)
+            hidden = expert["w2"](torch.nn.functional.silu(expert["w1"](flat[token])))
+            out.index_add_(0, token, hidden * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+def test_module_list_experts():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), _ListExperts()).eval()
+    calib = [torch.randn(2, 6, 16) for _ in range(3)]
+    qm = qcompile.quantize(model, "int8_sq", calib=calib, progress=False)
+    names = sorted(layer.name for layer in qm.layers)
+    assert names == sorted(["0", *(f"1.experts.{e}.{w}" for e in range(4) for w in ("w1", "w2"))])  # router kept
+    x = torch.randn(3, 5, 16)
+    error = ((qm(x) - model(x)).norm() / model(x).norm()).item()
+    assert 0 < error < 0.05
