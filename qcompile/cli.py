@@ -1,15 +1,20 @@
 """The `qcompile` command line.
 
+    qcompile quantize MODEL_DIR OUT --recipe NAME [--calib TEXT_FILE] [--calib-samples N] [--seq-len L]
+                      [--format qcompile|onnx] [--dtype auto|bfloat16|float16|float32] [--exclude GLOB ...]
     qcompile export-onnx CHECKPOINT_DIR model.onnx [--opset 21] [--external-data auto|always|never]
                          [--int8-weights int8|uint8]
+    qcompile --version
 
-`CHECKPOINT_DIR` is a folder written by `QuantizedModel.save` (or `qcompile.quantize(...).save(...)`); the model is
-exported with its own example call as in `qcompile.export_onnx`.
+`MODEL_DIR` is a local Hugging Face model folder (config.json and weights; nothing is downloaded). `CHECKPOINT_DIR`
+is a folder written by `QuantizedModel.save`; it is exported with its own example call as in `qcompile.export_onnx`.
+Errors are one line on stderr (exit 2 for bad input, 1 for a failure on the way).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,8 +22,30 @@ from pathlib import Path
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description="A quantization compiler for PyTorch 2.")
+    parser.add_argument("--version", action="version", version=f"qcompile {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="quantize a local Hugging Face model folder",
+        description="Quantize a local Hugging Face model folder and write it in the chosen format.",
+    )
+    quantize.add_argument("model", type=Path, help="Hugging Face model folder (config.json, weights, tokenizer)")
+    quantize.add_argument("output", type=Path, help="folder to write (a .onnx file with --format onnx)")
+    quantize.add_argument("--recipe", required=True, help="a recipe name (see `qcompile.RECIPES`)")
+    quantize.add_argument("--calib", type=Path, default=None,
+                          help="calibration text file (default: the news corpus that ships in the gensim wheel)")
+    quantize.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
+    quantize.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
+    quantize.add_argument("--format", choices=("qcompile", "onnx"), default="qcompile",
+                          help="qcompile (QuantizedModel.save, default) or onnx (qcompile.export_onnx)")
+    quantize.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                          help="dtype to load the model in (default: the checkpoint's own)")
+    quantize.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
+                          help="layer-name patterns left in float (replaces the recipe's list)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    quantize.set_defaults(run=_quantize)
 
     export = commands.add_parser(
         "export-onnx",
@@ -70,6 +97,116 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if external is not False and data.exists():
         size += data.stat().st_size
     print(f"wrote {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qcompile")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Stages:
+    """One line per stage, with its time."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", flush=True)
+
+
+def _calibration_windows(args, tokenizer) -> list:
+    from qcompile import eval as qeval
+
+    if args.calib is not None:
+        if not args.calib.is_file():
+            raise _BadInput(f"calibration text {args.calib} is not a file")
+        text = args.calib.read_text(encoding="utf-8", errors="replace")
+    else:
+        from qcompile import hf
+
+        try:
+            text = hf.news_text()
+        except (ImportError, FileNotFoundError) as error:
+            raise _BadInput(f"no --calib given and the built-in text is unavailable ({error}); "
+                            "pass --calib TEXT_FILE or install gensim") from error
+    try:
+        windows = qeval.token_windows(tokenizer, text, args.calib_samples, args.seq_len)
+    except ValueError as error:
+        raise _BadInput(f"calibration text: {error}; pass fewer --calib-samples or a shorter --seq-len") from error
+    return [{"input_ids": window} for window in windows]
+
+
+class _BadInput(Exception):
+    """An error in what the user asked for: one line, exit 2."""
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    try:
+        return _run_quantize(args)
+    except _BadInput as error:
+        print(f"qcompile: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    stage = _Stages()
+    if not (args.model / "config.json").is_file():
+        raise _BadInput(f"{args.model} is not a Hugging Face model folder (no config.json)")
+    import qcompile
+
+    if args.recipe not in qcompile.RECIPES:
+        raise _BadInput(f"unknown recipe {args.recipe!r}; valid recipes: {', '.join(qcompile.RECIPES)}")
+    if args.calib_samples < 1 or args.seq_len < 2:
+        raise _BadInput("--calib-samples must be at least 1 and --seq-len at least 2")
+    target = args.output
+    if target.exists() and not args.overwrite and (target.is_file() or any(target.iterdir())):
+        raise _BadInput(f"{target} exists and is not empty; pass --overwrite to replace it")
+    parent = target.parent if target.parent != Path("") else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _BadInput(f"cannot create {parent}: {error.strerror}") from error
+    if not os.access(parent, os.W_OK):
+        raise _BadInput(f"{parent} is not writable")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    stage(f"loading {args.model}")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise _BadInput(f"cannot load {args.model}: {str(error).splitlines()[0]}") from error
+    stage(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{next(model.parameters()).dtype})")
+    calib = _calibration_windows(args, tokenizer)
+    stage(f"calibration: {len(calib)} windows of {args.seq_len} tokens")
+    try:
+        qm = qcompile.quantize(model, args.recipe, calib=calib, exclude=args.exclude)
+    except (ValueError, NotImplementedError) as error:
+        print(f"qcompile: quantizing failed: {error}", file=sys.stderr)
+        return 1
+    stage(f"quantized with {args.recipe} ({qm.algorithm})")
+    print(qm.report(), flush=True)
+    try:
+        if args.format == "onnx":
+            path = qcompile.export_onnx(qm, target)
+        else:
+            qm.save(target)
+            path = target
+    except (OSError, ValueError, ImportError) as error:
+        print(f"qcompile: writing {target} failed: {error}", file=sys.stderr)
+        return 1
+    stage(f"wrote {path} ({args.format})")
     return 0
 
 

@@ -90,3 +90,26 @@ def batches(name: str, count: int = 4, batch: int = 2, seq: int = 12, seed: int 
             item["decoder_input_ids"] = torch.randint(0, 128, (batch, seq // 2), generator=g)
         out.append(item)
     return out
+
+
+def tokenizer(vocab_size: int = 128):
+    """A small byte-level BPE tokenizer trained on a fixed text (offline), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog", "quantization keeps the model small and fast",
+            "a compiler turns graphs into kernels"] * 20
+    core.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+
+
+def model_folder(path, model, with_tokenizer: bool = True):
+    """`model` written as a Hugging Face folder (safetensors, config.json, tokenizer files)."""
+    model.save_pretrained(path)
+    if with_tokenizer:
+        tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path
