@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver
 from qcompile.passes.quantize_linears import grouped_padded
-from qcompile.passes.smoothquant import migrate_scale, shared_input_groups
+from qcompile.passes.smoothquant import folds, migrate_scale, shared_input_groups
 from qcompile.recipes import QuantSpec
 
 ALPHA_GRID = tuple(i / 20 for i in range(0, 21))
@@ -211,6 +211,7 @@ def awq_linears(
     alpha_grid: tuple[float, ...] = ALPHA_GRID,
     clip_ratios: tuple[float, ...] = CLIP_RATIOS,
     progress: bool = False,
+    fold_only: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Scale search per shared-input group (folded into the graph), then clipping search per layer.
 
@@ -231,10 +232,12 @@ def awq_linears(
                 raise ValueError(f"AWQ needs sampled calibration rows for layer {group[0].name!r}")
             sample = None if observer.sample is None else observer.sample.float()
             group_size = quantization_group_size(spec, group[0].in_features)
-            scale, _ = search_scale(
-                sample, observer.channel_abs_mean, observer.channel_amax, [site.weight for site in group],
-                fake_quantize_weight, fake_quantize_input, group_size, alpha_grid, moment,
-            )
+            scale = None
+            if not fold_only or folds(gm, group, by_node, placeholder_values):  # else clipping only
+                scale, _ = search_scale(
+                    sample, observer.channel_abs_mean, observer.channel_amax, [site.weight for site in group],
+                    fake_quantize_weight, fake_quantize_input, group_size, alpha_grid, moment,
+                )
             if scale is not None:
                 migrate_scale(gm, group, scale, by_node, placeholder_values, f"_qc_awq_{index}")
                 sample = None if sample is None else sample / scale

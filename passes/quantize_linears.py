@@ -70,8 +70,11 @@ def static_input_scale(fmt: str, amax: Tensor) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _quantize_weight(weight: Tensor, spec: QuantSpec) -> tuple[dict[str, Tensor], dict, Tensor]:
-    """Quantized tensors to store, the op's integer arguments, and the dequantized weight (for SQNR)."""
+def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype | None = None
+                     ) -> tuple[dict[str, Tensor], dict, Tensor]:
+    """Quantized tensors to store, the op's integer arguments, and the dequantized weight (for SQNR).
+    `model_dtype`: the dtype the layer's weight had in the model (default: `weight`'s; algorithms hand float32)."""
+    model_dtype = weight.dtype if model_dtype is None else model_dtype
     if spec.format == "int8":
         if spec.granularity not in ("tensor", "channel"):
             raise NotImplementedError(f"int8 weights support tensor or channel granularity, not {spec.granularity!r}")
@@ -92,7 +95,10 @@ def _quantize_weight(weight: Tensor, spec: QuantSpec) -> tuple[dict[str, Tensor]
     if spec.format in ("int4", "int3"):
         if spec.granularity != "group":
             raise NotImplementedError(f"{spec.format} weights are quantized in groups, not per {spec.granularity!r}")
-        t = numerics.quantize_int4(weight, spec.block_size, symmetric=spec.symmetric, bits=spec.bits)
+        # a bf16/fp16 model's engines keep group scales in its dtype: codes are computed from the rounded scales
+        scale_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
+        t = numerics.quantize_int4(weight, spec.block_size, symmetric=spec.symmetric, bits=spec.bits,
+                                   scale_dtype=scale_dtype)
         tensors = {"packed": t.packed, "scale": t.scale}
         if t.zero_point is not None:
             tensors["zero_point"] = t.zero_point
@@ -135,6 +141,8 @@ def _fake_quantize_int_groups(weight: Tensor, group: int, bits: int) -> Tensor:
     groups = grouped_padded(w, group)
     scale = numerics.exact_div(groups.abs().amax(dim=-1, keepdim=True), qmax)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    if weight.dtype in (torch.bfloat16, torch.float16):  # as numerics.quantize_int4(..., scale_dtype=weight.dtype)
+        scale = numerics.rounded_scale(scale, weight.dtype)
     q = torch.clamp(torch.round(groups / scale), -qmax - 1, qmax) + 0.0  # + 0.0: -0 codes are stored as +0
     return (q * scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
@@ -214,7 +222,7 @@ def quantize_linears(
     for site in sites:
         refresh_input(site)
         numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
-        tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights)
+        tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights, site.source.dtype)
         prefix = _attribute_prefix(site.name)
         attr_nodes = {}
         with gm.graph.inserting_before(site.node):

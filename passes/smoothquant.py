@@ -98,8 +98,10 @@ def smooth_linears(
     fake_quantize_weight: Callable[[Tensor], Tensor] | None = None,
     fake_quantize_input: Callable[[Tensor, Tensor], Tensor] | None = None,
     placeholder_values: Mapping[str, Tensor] | None = None,
+    fold_only: bool = False,
 ) -> dict[str, Tensor]:
-    """Smooth every shared-input group; returns the new per-layer input amax.
+    """Smooth every shared-input group; returns the new per-layer input amax. With `fold_only`, groups whose
+    scale would need an explicit division of their input are left as they are.
 
     `site.weight` becomes the smoothed weight (the quantization pass reads it) and the graph is rewritten so its
     float function is unchanged. `alpha=None` searches alpha per group on the observers' sampled rows, measuring
@@ -112,6 +114,10 @@ def smooth_linears(
     for index, group in enumerate(shared_input_groups(sites)):
         observer = observers[group[0].name]
         weights = [site.weight for site in group]
+        if fold_only and not folds(gm, group, by_node, placeholder_values):
+            for site in group:
+                new_amax[site.name] = observer.amax
+            continue
         group_alpha = alpha
         if group_alpha is None:
             if observer.sample is None or fake_quantize_weight is None or fake_quantize_input is None:
@@ -148,6 +154,16 @@ def migrate_scale(
     _divide_producer(gm, group, scale, by_node, placeholder_values, prefix)
     for site in group:
         site.weight = (site.weight.detach().float() * scale).to(site.weight.dtype)
+
+
+def folds(gm: fx.GraphModule, group: list[LinearSite], by_node, placeholder_values=None) -> bool:
+    """Whether a scale migrated into `group` folds into an earlier op (a norm or a linear), so that no explicit
+    division of the input is needed (checkpoint formats without a per-layer input scale need this)."""
+    producer = group[0].input
+    if not set(producer.users) <= {site.node for site in group}:
+        return False
+    return (_fold_into_norm(gm, producer, None, placeholder_values or {}, "", apply=False)
+            or _producing_linear(producer, by_node) is not None)
 
 
 def _divide_producer(gm, group, scale, by_node, placeholder_values, prefix) -> None:
@@ -288,7 +304,8 @@ def _arg(node: fx.Node, position: int, key: str):
     return node.kwargs.get(key)
 
 
-def _fold_into_norm(gm, producer: fx.Node, scale: Tensor, placeholder_values, prefix) -> bool:
+def _fold_into_norm(gm, producer: fx.Node, scale: Tensor | None, placeholder_values, prefix, apply: bool = True) -> bool:
+    """Fold 1/scale into the norm that produces x; with `apply=False`, only say whether it would."""
     if producer.op != "call_function":
         return False
     if producer.target in _LAYER_NORM:
@@ -297,6 +314,8 @@ def _fold_into_norm(gm, producer: fx.Node, scale: Tensor, placeholder_values, pr
         bias = constant_tensor(gm, bias_arg, placeholder_values) if bias_arg is not None else None
         if (weight_arg is not None and weight is None) or (bias_arg is not None and bias is None):
             return False
+        if not apply:
+            return True
         dtype = weight.dtype if weight is not None else scale.dtype
         new_weight = (weight.float() if weight is not None else torch.ones_like(scale)) / scale
         _set_norm_arg(gm, producer, 2, "weight", new_weight.to(dtype), prefix)
@@ -307,7 +326,11 @@ def _fold_into_norm(gm, producer: fx.Node, scale: Tensor, placeholder_values, pr
         for position in (0, 1):
             value = constant_tensor(gm, producer.args[position], placeholder_values)
             other = producer.args[1 - position]
-            if value is not None and value.dim() == 1 and value.shape[0] == scale.shape[0] and isinstance(other, fx.Node):
+            channels = producer.meta.get("val").shape[-1] if isinstance(producer.meta.get("val"), Tensor) else None
+            size = channels if scale is None else scale.shape[0]
+            if value is not None and value.dim() == 1 and value.shape[0] == size and isinstance(other, fx.Node):
+                if not apply:
+                    return True
                 _replace_constant_arg(gm, producer, position, None, (value.float() / scale).to(value.dtype), prefix, "norm_weight")
                 return True
     return False

@@ -142,6 +142,7 @@ def convert(
         input_amax = smooth_linears(
             gm, sites, observers, alpha,
             lambda w: fake_quantize_weight(w, recipe.weights), input_fake_quantizer(recipe), placeholder_values,
+            fold_only=not recipe.explicit_input_scales,
         )
     # Weights as they were before an algorithm moved them off their float values (clipping, GPTQ): the report's
     # SQNR measures the quantization against these, not against the moved weights the quantizer sees.
@@ -150,7 +151,7 @@ def convert(
         input_amax, references = awq.awq_linears(
             gm, sites, observers, lambda w: fake_quantize_weight(w, recipe.weights),
             None if recipe.inputs is None else input_fake_quantizer(recipe),
-            recipe.weights, placeholder_values, progress=progress,
+            recipe.weights, placeholder_values, progress=progress, fold_only=not recipe.explicit_input_scales,
         )
     elif runs_gptq(recipe):
         references = {site.name: site.weight for site in sites}

@@ -479,7 +479,7 @@ def _recipe_to_json(recipe: Recipe) -> dict:
 
     return {"name": recipe.name, "weights": spec(recipe.weights), "inputs": spec(recipe.inputs),
             "algorithm": recipe.algorithm, "exclude": list(recipe.exclude), "kv_cache": recipe.kv_cache,
-            "alpha": recipe.alpha}
+            "alpha": recipe.alpha, "explicit_input_scales": recipe.explicit_input_scales}
 
 
 def _recipe_from_json(data: dict) -> Recipe:
@@ -492,7 +492,7 @@ def _recipe_from_json(data: dict) -> Recipe:
         return QuantSpec(**d)
 
     return Recipe(spec(data["weights"]), spec(data["inputs"]), data["algorithm"], tuple(data["exclude"]),
-                  data["kv_cache"], data["name"], data.get("alpha", 0.5))
+                  data["kv_cache"], data["name"], data.get("alpha", 0.5), data.get("explicit_input_scales", True))
 
 
 def _example_to_json(args: tuple, kwargs: dict):

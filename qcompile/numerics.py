@@ -252,11 +252,15 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------- INT4/INT3
 
 
-def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = True, bits: int = 4) -> Int4Tensor:
+def quantize_int4(
+    w: Tensor, group_size: int = 128, symmetric: bool = True, bits: int = 4, scale_dtype: torch.dtype | None = None
+) -> Int4Tensor:
     """Group-wise INT4 (or INT3 with bits=3) along the last axis, packed two codes per byte.
 
     Symmetric: scale = amax_group/7 (INT3: /3), q in [-8, 7] (INT3: [-4, 3]) stored as 4-bit two's complement.
     Asymmetric: range [min(min,0), max(max,0)], scale = range/15 (INT3: /7), q and zero point unsigned.
+    `scale_dtype` (bfloat16 or float16): the scales are first rounded to that dtype (engines keep group scales in
+    the model's dtype) and the codes computed from the rounded scales; the scales stay stored as float32.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits must be 3 or 4, got {bits!r}")
@@ -271,6 +275,7 @@ def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = True, bits
     if symmetric:
         qmax = float(2 ** (bits - 1) - 1)  # 7 or 3
         scale = _nonzero_scale(exact_div(groups.abs().amax(dim=-1), qmax))
+        scale = rounded_scale(scale, scale_dtype)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -qmax - 1, qmax)
         codes = (q.to(torch.int32) & 0xF).to(torch.uint8)
         zero_point = None
@@ -282,7 +287,7 @@ def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = True, bits
         scale = exact_div(hi - lo, levels)
         # hi - lo can overflow to inf near the float32 limit even though the scale itself is representable.
         scale = torch.where(torch.isinf(scale), exact_div(hi, levels) - exact_div(lo, levels), scale)
-        scale = _nonzero_scale(scale)
+        scale = rounded_scale(_nonzero_scale(scale), scale_dtype)
         zp = torch.clamp(torch.round(-lo / scale), 0.0, levels)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zp.unsqueeze(-1), 0.0, levels)
         codes = q.to(torch.uint8)
@@ -292,6 +297,15 @@ def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = True, bits
     return Int4Tensor(
         packed=packed, scale=scale, zero_point=zero_point, group_size=g, bits=bits, in_features=k
     )
+
+
+def rounded_scale(scale: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Scales rounded to `dtype` and back to float32 (None: unchanged); a scale that rounds to 0 becomes the
+    dtype's smallest normal, one past its range its largest value, so that every code stays finite."""
+    if dtype is None or dtype == torch.float32:
+        return scale
+    info = torch.finfo(dtype)
+    return scale.clamp(min=info.tiny, max=info.max).to(dtype).to(torch.float32)
 
 
 def dequantize_int4(t: Int4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -65,6 +65,10 @@ class Recipe:
     name: str = "custom"
     # SmoothQuant migration strength in [0, 1], or "search" to pick it per layer by output error.
     alpha: float | str = 0.5
+    # Where a SmoothQuant/AWQ scale has no earlier op to fold into (the output projection of attention with grouped
+    # heads, a down projection after a non-linear gate): divide the input explicitly (True), or leave that layer
+    # unscaled (False), which checkpoint formats without a per-layer input scale (compressed-tensors) need.
+    explicit_input_scales: bool = True
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:

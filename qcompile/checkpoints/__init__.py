@@ -1,0 +1,139 @@
+"""Hugging Face checkpoints of quantized models, in the formats serving engines load.
+
+`export_hf(qm, out_dir, format=...)` writes `config.json` (with its `quantization_config`), safetensors shards with
+their index, `generation_config.json` and, when given, the tokenizer's files. One module per format says how each
+quantized layer's tensors and description are written (`compressed_tensors`); this module walks the model's
+module tree (`QuantizedModel.as_module()`), asks the format for each `QuantizedLinear`, casts the remaining float
+tensors to the export dtype and writes the directory atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from qcompile.checkpoints import compressed_tensors
+from qcompile.quantized_modules import QuantizedLinear
+
+FORMATS = {"compressed-tensors": compressed_tensors}
+MAX_SHARD_BYTES = 5 * 10**9
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+class ExportError(ValueError):
+    """The model or recipe has no route into the requested format."""
+
+
+def export_hf(
+    qm,
+    out_dir: str | os.PathLike,
+    format: str = "compressed-tensors",
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write `qm` (from `qcompile.quantize` on a Hugging Face `PreTrainedModel`) as a Hugging Face checkpoint.
+
+    `dtype` is the dtype of the unquantized tensors (embeddings, norms, biases, `lm_head`). The directory is built
+    in a temporary sibling and renamed into place; an existing non-empty `out_dir` is refused unless `overwrite`.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; valid formats: {', '.join(FORMATS)}")
+    writer = FORMATS[format]
+    tree = qm.as_module()
+    config = getattr(tree, "config", None)
+    if config is None or not hasattr(tree, "save_pretrained"):
+        raise ExportError("export_hf needs a model quantized from a Hugging Face PreTrainedModel")
+    target = Path(out_dir)
+    if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    writer.check_recipe(qm.recipe)
+
+    tensors: dict[str, Tensor] = {}
+    quantized: dict[str, QuantizedLinear] = {}
+    for name, module in tree.named_modules():
+        if isinstance(module, QuantizedLinear):
+            quantized[name] = module
+            for key, value in writer.layer_tensors(name, module, dtype).items():
+                tensors[f"{name}.{key}"] = value
+    if not quantized:
+        raise ExportError("the model has no quantized layer to export")
+    for key, value in tree.state_dict(keep_vars=False).items():
+        owner = key.rpartition(".")[0]
+        if owner in quantized:
+            continue
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    tensors = _without_tied_copies(tree, tensors)
+
+    config_dict = config.to_dict()
+    config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    config_dict.pop("torch_dtype", None)
+    config_dict["use_cache"] = True
+    config_dict["quantization_config"] = writer.quantization_config(qm.recipe, tree, quantized)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write_shards(staging, tensors, max_shard_bytes)
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        generation = getattr(tree, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _without_tied_copies(tree: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tied parameters (lm_head and the embeddings) are stored once, under the name transformers keeps."""
+    tied = set()
+    keys = getattr(tree, "_tied_weights_keys", None) or {}
+    if getattr(tree.config, "tie_word_embeddings", False):
+        tied = set(keys) if isinstance(keys, (list, tuple, set)) else set(keys.keys())
+    return {k: v for k, v in tensors.items() if k not in tied}
+
+
+def _write_shards(directory: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> None:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        value = tensors[key].detach().contiguous().cpu()
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        # safetensors refuses tensors that share memory
+        shards[-1][key] = value.clone() if any(value.data_ptr() == t.data_ptr() for t in shards[-1].values()) else value
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        for key, value in shard.items():
+            weight_map[key] = name
+            total += value.numel() * value.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
