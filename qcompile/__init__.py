@@ -12,7 +12,9 @@ The ahead-of-time pipeline, top to bottom (`quantize` below):
    group of layers: `qcompile.passes.gptq`) and rewrite each linear into a `qcompile::` op holding packed quantized
    weights (`qcompile.passes.quantize_linears`);
    the ops are defined in `qcompile.ops` and implemented in `qcompile.lowering`;
-6. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`.
+6. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`,
+   `.generate()` (on the model's own module tree with quantized layers: `qcompile.quantized_modules`), and write
+   checkpoints that serving engines load (`qcompile.export_hf`, `qcompile.checkpoints`).
 
 The just-in-time path, `torch.compile(model, backend="quant")`, runs steps 3-5 on dynamo's graphs
 (`qcompile.backend`); static recipes calibrate inside `with qcompile.calibrate(compiled): ...`.
@@ -29,6 +31,7 @@ from torch import nn
 from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
 from qcompile.calibration import calibrate, describe_call, first_batch, run_calibration
 from qcompile.capture import capture, module_tree
+from qcompile.checkpoints import export_hf
 from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq, wants_hessian
 from qcompile.model import QuantizedModel, load
 from qcompile.lowering.onnx import export_onnx
@@ -42,6 +45,7 @@ __all__ = [
     "QuantizedModel",
     "Recipe",
     "calibrate",
+    "export_hf",
     "export_onnx",
     "load",
     "numerics",

@@ -1,7 +1,8 @@
 """The `qcompile` command line.
 
     qcompile quantize MODEL_DIR OUT --recipe NAME [--calib TEXT_FILE] [--calib-samples N] [--seq-len L]
-                      [--format qcompile|onnx] [--dtype auto|bfloat16|float16|float32] [--exclude GLOB ...]
+                      [--format qcompile|compressed-tensors|onnx] [--dtype auto|bfloat16|float16|float32]
+                      [--exclude GLOB ...]
     qcompile export-onnx CHECKPOINT_DIR model.onnx [--opset 21] [--external-data auto|always|never]
                          [--int8-weights int8|uint8]
     qcompile --version
@@ -14,6 +15,7 @@ Errors are one line on stderr (exit 2 for bad input, 1 for a failure on the way)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -38,8 +40,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="calibration text file (default: the news corpus that ships in the gensim wheel)")
     quantize.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
     quantize.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
-    quantize.add_argument("--format", choices=("qcompile", "onnx"), default="qcompile",
-                          help="qcompile (QuantizedModel.save, default) or onnx (qcompile.export_onnx)")
+    quantize.add_argument("--format", choices=("qcompile", "compressed-tensors", "onnx"), default="qcompile",
+                          help="qcompile (QuantizedModel.save, default), compressed-tensors (a Hugging Face checkpoint "
+                               "that vLLM, SGLang and transformers load; qcompile.export_hf) or onnx "
+                               "(qcompile.export_onnx)")
     quantize.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                           help="dtype to load the model in (default: the checkpoint's own)")
     quantize.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
@@ -161,6 +165,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     if args.recipe not in qcompile.RECIPES:
         raise _BadInput(f"unknown recipe {args.recipe!r}; valid recipes: {', '.join(qcompile.RECIPES)}")
+    recipe = qcompile.RECIPES[args.recipe]
+    if args.format == "compressed-tensors":
+        from qcompile.checkpoints import ExportError, compressed_tensors
+
+        try:
+            compressed_tensors.check_recipe(recipe)
+        except ExportError as error:
+            raise _BadInput(str(error)) from error
+        recipe = dataclasses.replace(recipe, explicit_input_scales=False)  # the format has no input multiplier
     if args.calib_samples < 1 or args.seq_len < 2:
         raise _BadInput("--calib-samples must be at least 1 and --seq-len at least 2")
     target = args.output
@@ -191,7 +204,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     calib = _calibration_windows(args, tokenizer)
     stage(f"calibration: {len(calib)} windows of {args.seq_len} tokens")
     try:
-        qm = qcompile.quantize(model, args.recipe, calib=calib, exclude=args.exclude)
+        qm = qcompile.quantize(model, recipe, calib=calib, exclude=args.exclude)
     except (ValueError, NotImplementedError) as error:
         print(f"qcompile: quantizing failed: {error}", file=sys.stderr)
         return 1
@@ -200,6 +213,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     try:
         if args.format == "onnx":
             path = qcompile.export_onnx(qm, target)
+        elif args.format == "compressed-tensors":
+            path = qcompile.export_hf(qm, target, format=args.format, dtype=next(model.parameters()).dtype,
+                                      tokenizer=tokenizer, overwrite=args.overwrite)
         else:
             qm.save(target)
             path = target

@@ -57,6 +57,15 @@ def export_hf(
     if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     writer.check_recipe(qm.recipe)
+    writer.check_dtype(qm.recipe, dtype)
+    from qcompile.moe import UnfusedExperts
+
+    moe = next((name for name, m in tree.named_modules() if isinstance(m, UnfusedExperts)), None)
+    if moe is not None:
+        # transformers 5 loads per-expert tensors into fused 3-D experts, which then run unquantized kernels on
+        # the converted weights: the loaded model would not compute what qcompile's does
+        raise ExportError(f"{moe}: models with fused MoE experts cannot be exported to {format} yet "
+                          "(save with qm.save() or export ONNX)")
 
     tensors: dict[str, Tensor] = {}
     quantized: dict[str, QuantizedLinear] = {}

@@ -50,6 +50,12 @@ def check_recipe(recipe: Recipe) -> None:
                      "export it with format='modelopt' (W4A8_AWQ), or quantize with a weight-only recipe")
 
 
+def check_dtype(recipe: Recipe, dtype: torch.dtype) -> None:
+    if recipe.weights.format == "nvfp4" and dtype != torch.bfloat16:
+        raise _error("compressed-tensors' loaders decompress NVFP4 weights to bfloat16, so an NVFP4 checkpoint "
+                     f"in {dtype} does not load: export with dtype=torch.bfloat16")
+
+
 def _args(spec: QuantSpec, *, weights: bool) -> dict:
     """A compressed-tensors QuantizationArgs for one of qcompile's specs."""
     kind = {"int8": ("int", 8), "int4": ("int", 4), "fp8_e4m3": ("float", 8), "nvfp4": ("float", 4)}[spec.format]

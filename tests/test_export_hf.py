@@ -1,0 +1,181 @@
+"""qcompile.export_hf: Hugging Face checkpoints in the compressed-tensors format, loaded back by transformers with
+compressed-tensors' own loaders (the reference: what an engine reads), and the `qcompile quantize` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_zoo
+import qcompile
+from qcompile import numerics
+from qcompile.checkpoints import ExportError
+from qcompile.lowering import torch_reference as ref
+from qcompile.quantized_modules import QuantizedLinear
+
+pytest.importorskip("compressed_tensors")
+
+# loaded logits equal qcompile's bit for bit: the loaders dequantize exactly as qcompile does, in float32
+EXACT = ("fp8", "fp8_dynamic", "fp8_block", "int4_awq", "int4_gptq")
+# close: compressed-tensors emulates INT8 activations with its own scale convention (per-token amax/127.5 in its
+# CPU emulation); NVFP4 is decompressed to bf16 by its loader, so those run on a bf16 model
+CLOSE = {"int8_sq": 1e-5, "int8_dynamic": 0.03, "nvfp4": 0.3, "nvfp4_weight_only": 0.02}
+
+
+def llama(dtype=torch.float32, seed=0):
+    """A tiny Llama whose widths are multiples of 128 (the INT4 group), grouped-query attention, default config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**hf_zoo.SIZES, "hidden_size": 128, "intermediate_size": 256})
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def quantized(recipe_name: str, dtype=torch.float32):
+    model = llama(dtype)
+    recipe = dataclasses.replace(qcompile.RECIPES[recipe_name], explicit_input_scales=False)
+    return model, qcompile.quantize(model, recipe, calib=hf_zoo.batches("llama"), progress=False)
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("recipe", [*EXACT, *CLOSE])
+def test_transformers_loads_compressed_tensors(recipe, tmp_path):
+    dtype = torch.bfloat16 if recipe.startswith("nvfp4") else torch.float32
+    model, qm = quantized(recipe, dtype)
+    qcompile.export_hf(qm, tmp_path / "out", dtype=dtype)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    from compressed_tensors.quantization import QuantizationConfig
+
+    QuantizationConfig.model_validate(config)  # the format's own schema accepts the description
+    assert config["ignore"] == ["lm_head"]
+    loaded = load(tmp_path / "out")
+    batch = hf_zoo.batches("llama", seed=5)[0]
+    with torch.no_grad():
+        out, expected = loaded(**batch).logits, qm(**batch).logits
+    if recipe in EXACT:
+        assert torch.equal(out, expected)
+    else:
+        error = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+        float_error = ((model(**batch).logits.float() - expected.float()).norm() / expected.float().norm()).item()
+        assert error < CLOSE[recipe] and error < float_error
+
+
+def _qcompile_weight(layer: QuantizedLinear) -> torch.Tensor:
+    op = layer.op._schema.name
+    if op.endswith("int4_linear"):
+        return ref.dequantize_int4_weight(layer.packed, layer.scale, None, layer.constants["group_size"], 4,
+                                          layer.in_features)
+    return ref.dequantize_nvfp4_weight(layer.packed, layer.block_scale, layer.global_scale, layer.in_features)
+
+
+def test_int4_layout_from_the_format_definition(tmp_path):
+    """pack-quantized decoded here from its definition (offset-binary nibbles, eight per int32, element 0 lowest):
+    codes times scales give qcompile's weight bit for bit."""
+    from safetensors.torch import load_file
+
+    _, qm = quantized("int4_gptq")
+    qcompile.export_hf(qm, tmp_path / "out", dtype=torch.float32)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for name, layer in qm.as_module().named_modules():
+        if not isinstance(layer, QuantizedLinear):
+            continue
+        packed = tensors[f"{name}.weight_packed"].to(torch.int64) & 0xFFFFFFFF
+        nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(packed.shape[0], -1)
+        rows, cols = tensors[f"{name}.weight_shape"].tolist()
+        codes = nibbles[:, :cols].float() - 8
+        scale = tensors[f"{name}.weight_scale"]
+        weight = codes * scale.repeat_interleave(128, dim=1)[:, :cols]
+        assert torch.equal(weight, _qcompile_weight(layer)), name
+
+
+def test_bf16_int4_scales_rounded_before_the_codes(tmp_path):
+    """In a bf16 model the group scales are bf16 values (what the loaders keep), so the loaded weight is qcompile's
+    weight rounded once to bf16."""
+    _, qm = quantized("int4_awq", torch.bfloat16)
+    qcompile.export_hf(qm, tmp_path / "out", dtype=torch.bfloat16)
+    loaded = load(tmp_path / "out")
+    with torch.no_grad():
+        loaded(**hf_zoo.batches("llama")[0])  # the loaders decompress on the first call
+    for name, layer in qm.as_module().named_modules():
+        if isinstance(layer, QuantizedLinear):
+            assert torch.equal(layer.scale.to(torch.bfloat16).float(), layer.scale), name
+            assert torch.equal(loaded.get_submodule(name).weight, _qcompile_weight(layer).to(torch.bfloat16)), name
+
+
+def test_export_errors_and_atomic_directory(tmp_path):
+    model = llama()
+    batches = hf_zoo.batches("llama")
+    w4a8 = qcompile.quantize(model, "w4a8_awq", calib=batches, progress=False)
+    with pytest.raises(ExportError, match="w4a8_awq.*no route in compressed-tensors"):
+        qcompile.export_hf(w4a8, tmp_path / "a")
+    awq = qcompile.quantize(model, "int4_awq", calib=batches, progress=False)  # explicit input scales (default)
+    with pytest.raises(ExportError, match=r"o_proj.*explicit_input_scales=False"):
+        qcompile.export_hf(awq, tmp_path / "b")
+    nvfp4 = qcompile.quantize(model, "nvfp4_weight_only", calib=batches, progress=False)
+    with pytest.raises(ExportError, match="dtype=torch.bfloat16"):
+        qcompile.export_hf(nvfp4, tmp_path / "c", dtype=torch.float32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+    moe = qcompile.quantize(hf_zoo.mixtral(), "fp8_dynamic", calib=hf_zoo.batches("mixtral"), progress=False)
+    with pytest.raises(ExportError, match="MoE experts"):
+        qcompile.export_hf(moe, tmp_path / "d")
+    fp8 = qcompile.quantize(model, "fp8_dynamic", calib=batches, progress=False)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        qcompile.export_hf(fp8, tmp_path / "e")
+    qcompile.export_hf(fp8, tmp_path / "e", overwrite=True)
+    assert not (tmp_path / "e" / "keep.txt").exists() and (tmp_path / "e" / "config.json").is_file()
+
+
+def test_sharded_checkpoint(tmp_path):
+    _, qm = quantized("fp8_dynamic")
+    qcompile.export_hf(qm, tmp_path / "out", dtype=torch.float32, max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((tmp_path / "out" / s).is_file() for s in shards)
+    batch = hf_zoo.batches("llama", seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "out")(**batch).logits, qm(**batch).logits)
+
+
+def test_cli_quantize_to_compressed_tensors(tmp_path, capsys):
+    from qcompile.cli import main
+
+    folder = hf_zoo.model_folder(tmp_path / "model", llama())
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    assert main(["quantize", str(folder), str(tmp_path / "out"), "--recipe", "int4_awq", "--format",
+                 "compressed-tensors", "--calib", str(calib), "--calib-samples", "4", "--seq-len", "64"]) == 0
+    assert "total: 14 layers" in capsys.readouterr().out
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["format"] == \
+        "pack-quantized"
+    with torch.no_grad():  # in a fresh process: transformers with compressed-tensors' loaders
+        code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+                "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True); "
+                "print(bool(torch.isfinite(m(input_ids=torch.arange(8)[None]).logits).all()))")
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0 and run.stdout.strip().endswith("True"), run.stderr[-2000:]
+    for args, message in (
+        ([str(folder), str(tmp_path / "x"), "--recipe", "nope"], "unknown recipe 'nope'"),
+        ([str(folder), str(tmp_path / "x"), "--recipe", "w4a8_awq", "--format", "compressed-tensors"],
+         "no route in compressed-tensors"),
+        ([str(tmp_path / "none"), str(tmp_path / "y"), "--recipe", "fp8"], "not a Hugging Face model folder"),
+        ([str(folder), str(tmp_path / "out"), "--recipe", "fp8"], "exists and is not empty"),
+    ):
+        assert main(["quantize", *args]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qcompile:")]
+        assert len(err) == 1 and message in err[0], err
