@@ -3,7 +3,8 @@
 The ahead-of-time pipeline, top to bottom (`quantize` below):
 
 1. resolve the recipe (`qcompile.recipes`): how weights and input activations are quantized;
-2. capture the model with torch.export (`qcompile.capture`);
+2. capture the model with torch.export (`qcompile.capture`: a copy of its module tree, with Hugging Face caches
+   off and fused MoE experts as per-expert linears, `qcompile.moe`);
 3. find the quantizable linears in the graph (`qcompile.passes.find_linears`);
 4. if the recipe needs data, insert observers and run the calibration batches (`qcompile.passes.insert_observers`,
    `qcompile.calibration`);
