@@ -183,7 +183,7 @@ def _input_scale(x: Tensor, input_scale: Tensor | None, granularity: str, fmt_ma
     """
     amax = x.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x.abs().amax()
     scale = amax / fmt_max if input_scale is None else input_scale.to(torch.float32)
-    return numerics._nonzero_scale(scale), amax
+    return numerics.nonzero_scale(scale), amax
 
 
 def int8_codes(x: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -442,10 +442,10 @@ def fake_quantize_nvfp4_input(x2d: Tensor, global_scale: Tensor, block_size: int
     `dequantize_nvfp4`): the same steps without the codes and their packing, as aten ops inductor fuses."""
     m, k = x2d.shape
     amax = x2d.abs().amax()
-    gs = checked_input_scale(numerics._nonzero_scale(global_scale.to(torch.float32).reshape(())), amax)
+    gs = checked_input_scale(numerics.nonzero_scale(global_scale.to(torch.float32).reshape(())), amax)
     padded = numerics._pad_last(x2d, block_size)
     blocks = padded.reshape(m, padded.shape[-1] // block_size, block_size)
-    s = numerics._nonzero_scale(blocks.abs().amax(dim=-1, keepdim=True) / (numerics.E2M1_MAX * gs))
+    s = numerics.nonzero_scale(blocks.abs().amax(dim=-1, keepdim=True) / (numerics.E2M1_MAX * gs))
     block_scale = round_to_fp8_e4m3(torch.clamp(s, max=numerics.FP8_E4M3_MAX))
     denom = block_scale * gs
     underflow = denom == 0  # the reference gives such blocks code 0: +0.0

@@ -164,3 +164,12 @@ def _deduplicate_names(sites: list[LinearSite]) -> None:
         seen[site.name] = count + 1
         if count:
             site.name = f"{site.name}#{count}"
+
+
+def shared_input_groups(sites: list[LinearSite]) -> list[list[LinearSite]]:
+    """Sites grouped by the tensor they read, in graph order: one smoothing scale per group, and the layers that
+    engines fuse into one GEMM (q/k/v, gate/up)."""
+    groups: dict[fx.Node, list[LinearSite]] = {}
+    for site in sites:
+        groups.setdefault(site.input, []).append(site)
+    return list(groups.values())

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx
 
 from qcompile import numerics
-from qcompile.passes.find_linears import LinearSite, refresh_input
+from qcompile.passes.find_linears import LinearSite, refresh_input, shared_input_groups
 from qcompile.recipes import QuantSpec, Recipe
 
 # Node metadata: the name of the layer (module path) a quantized op node replaced.
@@ -70,15 +70,34 @@ def static_input_scale(fmt: str, amax: Tensor) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype | None = None
-                     ) -> tuple[dict[str, Tensor], dict, Tensor]:
+def shares_weight_scale(spec: QuantSpec) -> bool:
+    """Formats with one scale for the whole weight (FP8/INT8 per tensor, NVFP4's global scale): engines that run
+    layers reading one input as one GEMM (q/k/v, gate/up) keep one such scale for the group."""
+    return spec.format == "nvfp4" or (spec.format in ("fp8_e4m3", "int8") and spec.granularity == "tensor")
+
+
+def group_weight_amax(sites: list[LinearSite], spec: QuantSpec) -> dict[str, Tensor]:
+    """{layer name: the largest |w| over its shared-input group}, for formats that share the weight's scale."""
+    if not shares_weight_scale(spec):
+        return {}
+    shared = {}
+    for group in shared_input_groups(sites):
+        amax = torch.stack([site.weight.detach().float().abs().amax() for site in group]).amax()
+        shared.update({site.name: amax for site in group})
+    return shared
+
+
+def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype | None = None,
+                     group_amax: Tensor | None = None) -> tuple[dict[str, Tensor], dict, Tensor]:
     """Quantized tensors to store, the op's integer arguments, and the dequantized weight (for SQNR).
-    `model_dtype`: the dtype the layer's weight had in the model (default: `weight`'s; algorithms hand float32)."""
+    `model_dtype`: the dtype the layer's weight had in the model (default: `weight`'s; algorithms hand float32).
+    `group_amax`: for per-tensor scales, the amax they are computed from (the layer's fused group's)."""
     model_dtype = weight.dtype if model_dtype is None else model_dtype
     if spec.format == "int8":
         if spec.granularity not in ("tensor", "channel"):
             raise NotImplementedError(f"int8 weights support tensor or channel granularity, not {spec.granularity!r}")
-        t = numerics.quantize_int8(weight, spec.granularity)
+        scale = None if group_amax is None else numerics.nonzero_scale(numerics.exact_div(group_amax, numerics.INT8_MAX))
+        t = numerics.quantize_int8(weight, spec.granularity, scale=scale)
         return {"weight": t.q, "weight_scale": t.scale}, {}, numerics.dequantize_int8(t)
     if spec.format == "fp8_e4m3":
         if spec.granularity not in ("tensor", "channel", "block"):
@@ -90,7 +109,9 @@ def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype |
             if rows != cols:
                 raise NotImplementedError("fp8 weight blocks must be square")
             block = rows
-        t = numerics.quantize_fp8(weight, spec.granularity, block_size=block or 128)
+        scale = None if group_amax is None or spec.granularity != "tensor" else \
+            numerics.nonzero_scale(numerics.exact_div(group_amax, numerics.FP8_E4M3_MAX))
+        t = numerics.quantize_fp8(weight, spec.granularity, block_size=block or 128, scale=scale)
         return {"weight": t.q, "weight_scale": t.scale}, {"block_size": block}, numerics.dequantize_fp8(t)
     if spec.format in ("int4", "int3"):
         if spec.granularity != "group":
@@ -105,7 +126,9 @@ def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype |
         args = {"group_size": t.group_size, "bits": t.bits, "in_features": t.in_features}
         return tensors, args, numerics.dequantize_int4(t)
     if spec.format == "nvfp4":
-        t = numerics.quantize_nvfp4(weight)
+        global_scale = None if group_amax is None else \
+            numerics.nonzero_scale(numerics.exact_div(group_amax, numerics.E2M1_MAX * numerics.FP8_E4M3_MAX))
+        t = numerics.quantize_nvfp4(weight, global_scale=global_scale)
         tensors = {"packed": t.packed, "block_scale": t.block_scale, "global_scale": t.global_scale}
         return tensors, {"in_features": t.in_features}, numerics.dequantize_nvfp4(t)
     raise NotImplementedError(f"no weight quantization for format {spec.format!r}")
@@ -222,7 +245,10 @@ def quantize_linears(
     for site in sites:
         refresh_input(site)
         numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
-        tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights, site.source.dtype)
+    shared_amax = group_weight_amax(sites, recipe.weights)
+    for site in sites:
+        tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights, site.source.dtype,
+                                                          shared_amax.get(site.name))
         prefix = _attribute_prefix(site.name)
         attr_nodes = {}
         with gm.graph.inserting_before(site.node):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from qcompile.passes.find_linears import LinearSite, constant_tensor, source_name
+from qcompile.passes.find_linears import LinearSite, constant_tensor, shared_input_groups, source_name
 from qcompile.passes.insert_observers import ActivationObserver
 
 aten = torch.ops.aten
@@ -35,14 +35,6 @@ INPUT_MULTIPLIER = "qcompile_input_multiplier"
 # Node metadata: a constant that replaces a model parameter (a folded norm weight) holds that parameter's name.
 REPLACES = "qcompile_replaces"
 _LINEAR_BIAS_INDEX = {aten.linear.default: 2, F.linear: 2, torch._C._nn.linear: 2}
-
-
-def shared_input_groups(sites: list[LinearSite]) -> list[list[LinearSite]]:
-    """Sites grouped by the tensor they read, in graph order: one smoothing scale per group."""
-    groups: dict[fx.Node, list[LinearSite]] = {}
-    for site in sites:
-        groups.setdefault(site.input, []).append(site)
-    return list(groups.values())
 
 
 def smoothing_scale(input_amax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:

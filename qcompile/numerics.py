@@ -104,7 +104,7 @@ def exact_div(t: Tensor, divisor: float) -> Tensor:
     return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 
-def _nonzero_scale(scale: Tensor) -> Tensor:
+def nonzero_scale(scale: Tensor) -> Tensor:
     # A zero scale means an all-zero slice (or an amax so small the division underflowed); 1.0 keeps x/scale
     # finite and still maps every element of that slice to code 0.
     return torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -115,7 +115,7 @@ def _static_scale(scale: ScaleLike, device: torch.device, what: str) -> Tensor:
     check_finite(s, what)
     if bool((s < 0).any()):
         raise ValueError(f"{what} must be non-negative")
-    return _nonzero_scale(s)
+    return nonzero_scale(s)
 
 
 def _amax_all(x: Tensor) -> Tensor:
@@ -166,7 +166,7 @@ def quantize_int8(x: Tensor, granularity: str = "tensor", scale: ScaleLike = Non
     """
     xf = _as_f32(x, "input to quantize_int8")
     if scale is None:
-        s = _nonzero_scale(exact_div(_amax(xf, granularity), INT8_MAX))
+        s = nonzero_scale(exact_div(_amax(xf, granularity), INT8_MAX))
     else:
         s = _static_scale(scale, xf.device, "static int8 scale")
     # -128 stays unused so the grid is symmetric and negation never overflows.
@@ -210,7 +210,7 @@ def quantize_fp8(
             # Zero padding never raises a block's amax, so partial edge blocks are handled exactly.
             padded = torch.nn.functional.pad(xf.abs(), (0, kb * bs - k, 0, nb * bs - n))
             amax = padded.reshape(nb, bs, kb, bs).amax(dim=(1, 3))
-            s = _nonzero_scale(exact_div(amax, FP8_E4M3_MAX))
+            s = nonzero_scale(exact_div(amax, FP8_E4M3_MAX))
         else:
             s = _static_scale(scale, xf.device, "static fp8 block scale")
             if tuple(s.shape) != (nb, kb):
@@ -219,7 +219,7 @@ def quantize_fp8(
         return FP8Tensor(q=q, scale=s, block_size=bs)
 
     if scale is None:
-        s = _nonzero_scale(exact_div(_amax(xf, granularity), FP8_E4M3_MAX))
+        s = nonzero_scale(exact_div(_amax(xf, granularity), FP8_E4M3_MAX))
     else:
         s = _static_scale(scale, xf.device, "static fp8 scale")
     return FP8Tensor(q=_fp8_cast(xf / s), scale=s, block_size=None)
@@ -274,7 +274,7 @@ def quantize_int4(
 
     if symmetric:
         qmax = float(2 ** (bits - 1) - 1)  # 7 or 3
-        scale = _nonzero_scale(exact_div(groups.abs().amax(dim=-1), qmax))
+        scale = nonzero_scale(exact_div(groups.abs().amax(dim=-1), qmax))
         scale = rounded_scale(scale, scale_dtype)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), -qmax - 1, qmax)
         codes = (q.to(torch.int32) & 0xF).to(torch.uint8)
@@ -287,7 +287,7 @@ def quantize_int4(
         scale = exact_div(hi - lo, levels)
         # hi - lo can overflow to inf near the float32 limit even though the scale itself is representable.
         scale = torch.where(torch.isinf(scale), exact_div(hi, levels) - exact_div(lo, levels), scale)
-        scale = rounded_scale(_nonzero_scale(scale), scale_dtype)
+        scale = rounded_scale(nonzero_scale(scale), scale_dtype)
         zp = torch.clamp(torch.round(-lo / scale), 0.0, levels)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zp.unsqueeze(-1), 0.0, levels)
         codes = q.to(torch.uint8)
@@ -368,7 +368,7 @@ def quantize_nvfp4(w: Tensor, block_size: int = 16, global_scale: ScaleLike = No
     k = wf.shape[-1]
 
     if global_scale is None:
-        gs = _nonzero_scale(exact_div(_amax_all(wf), E2M1_MAX * FP8_E4M3_MAX))
+        gs = nonzero_scale(exact_div(_amax_all(wf), E2M1_MAX * FP8_E4M3_MAX))
     else:
         gs = _static_scale(global_scale, wf.device, "nvfp4 global scale")
         if gs.numel() != 1:

@@ -31,8 +31,10 @@ def _w_int8_channel(w):
 
 
 def _w_fp8(granularity):
-    def quantize(w):
-        return numerics.dequantize_fp8(numerics.quantize_fp8(w, granularity, block_size=128))
+    def quantize(w, group_amax=None):
+        # one per-tensor scale for the layers that read one input (engines run them as one GEMM)
+        scale = None if group_amax is None or granularity != "tensor" else group_amax / 448.0
+        return numerics.dequantize_fp8(numerics.quantize_fp8(w, granularity, block_size=128, scale=scale))
 
     return quantize
 
@@ -41,8 +43,9 @@ def _w_int4_g128(w):
     return numerics.dequantize_int4(numerics.quantize_int4(w, 128, symmetric=True, bits=4))
 
 
-def _w_nvfp4(w):
-    return numerics.dequantize_nvfp4(numerics.quantize_nvfp4(w))
+def _w_nvfp4(w, group_amax=None):
+    global_scale = None if group_amax is None else group_amax / (6.0 * 448.0)  # shared like FP8's per-tensor scale
+    return numerics.dequantize_nvfp4(numerics.quantize_nvfp4(w, global_scale=global_scale))
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,12 @@ class Semantics:
     static_qmax: float | None = None  # static scale = amax / static_qmax; None: dynamic
 
 
+_FP8_TENSOR_WEIGHT = _w_fp8("tensor")
+# weight quantizers whose per-tensor scale is shared by the layers reading one input
+SHARED_SCALE = (_FP8_TENSOR_WEIGHT, _w_nvfp4)
+
 SEMANTICS = {
-    "fp8": Semantics(_w_fp8("tensor"), "fp8_e4m3", "tensor", 448.0),
+    "fp8": Semantics(_FP8_TENSOR_WEIGHT, "fp8_e4m3", "tensor", 448.0),
     "fp8_dynamic": Semantics(_w_fp8("channel"), "fp8_e4m3", "token"),
     "fp8_block": Semantics(_w_fp8("block")),
     "int8_sq": Semantics(_w_int8_channel, "int8", "tensor", 127.0),
@@ -101,10 +108,14 @@ def simulates_exactly(name: str) -> bool:
 class SimLinear(nn.Module):
     """A linear layer computing the quantized function in float64."""
 
-    def __init__(self, linear: nn.Linear, semantics: Semantics, amax: torch.Tensor | None):
+    def __init__(self, linear: nn.Linear, semantics: Semantics, amax: torch.Tensor | None,
+                 group_amax: torch.Tensor | None = None):
         super().__init__()
         # The float64 copy holds the float32 weights exactly (float32 -> float64 is lossless).
-        self.register_buffer("weight", semantics.weight(linear.weight.detach().float()).double())
+        weight = linear.weight.detach().float()
+        shared = semantics.weight in SHARED_SCALE and group_amax is not None
+        self.register_buffer("weight", (semantics.weight(weight, group_amax) if shared
+                                        else semantics.weight(weight)).double())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().double())
         self.semantics = semantics
         self.scale = None
@@ -157,6 +168,7 @@ def simulate(model: nn.Module, recipe: str, calib, exclude=DEFAULT_EXCLUDE) -> n
     sim = copy.deepcopy(model).double().eval()
     names = targeted_linears(sim, exclude)
     amax: dict[str, torch.Tensor] = {}
+    group_amax = _group_weight_amax(sim, names, calib)
     if semantics.static_qmax is not None:
         handles = []
         for name in names:
@@ -173,8 +185,34 @@ def simulate(model: nn.Module, recipe: str, calib, exclude=DEFAULT_EXCLUDE) -> n
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = sim.get_submodule(parent_name) if parent_name else sim
-        setattr(parent, attr, SimLinear(sim.get_submodule(name), semantics, amax.get(name)))
+        setattr(parent, attr, SimLinear(sim.get_submodule(name), semantics, amax.get(name), group_amax.get(name)))
     return sim
+
+
+def _group_weight_amax(model: nn.Module, names: list[str], calib) -> dict[str, torch.Tensor]:
+    """{layer: max |w| over the layers that read the same input tensor}, found by running one batch eagerly and
+    comparing the input tensors the layers receive."""
+    reads: dict[str, tuple] = {}
+    alive = []  # inputs held until the end, so that no later tensor reuses their memory (and address)
+
+    def record(module, args, name):
+        alive.append(args[0])
+        reads.setdefault(name, (args[0].data_ptr(), tuple(args[0].shape)))
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: record(module, args, name)) for name in names]
+    with torch.no_grad():
+        call(model, to_double(next(iter(calib))))
+    for handle in handles:
+        handle.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        groups.setdefault(reads.get(name, (name,)), []).append(name)
+    shared = {}
+    for members in groups.values():
+        amax = torch.stack([model.get_submodule(n).weight.detach().float().abs().amax() for n in members]).amax()
+        shared.update({n: amax for n in members})
+    return shared
 
 
 def primary_output(out) -> torch.Tensor:

@@ -179,3 +179,22 @@ def test_cli_quantize_to_compressed_tensors(tmp_path, capsys):
         assert main(["quantize", *args]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qcompile:")]
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+def test_fused_groups_share_per_tensor_scales(recipe):
+    """q/k/v and gate/up read one input, and engines run each group as one GEMM with one per-tensor weight scale
+    (NVFP4: one global scale): qcompile computes the same, from the largest |w| of the group."""
+    model = llama()
+    qm = qcompile.quantize(model, recipe, calib=hf_zoo.batches("llama"), progress=False)
+    tree = qm.as_module()
+    qmax = 448.0 if recipe == "fp8" else 6.0 * 448.0
+    for layer in range(2):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
+                      ("self_attn.o_proj",), ("mlp.down_proj",)):
+            names = [f"model.layers.{layer}.{member}" for member in group]
+            amax = max(model.get_submodule(name).weight.detach().abs().max().item() for name in names)
+            for name in names:
+                module = tree.get_submodule(name)
+                scale = module.weight_scale if recipe == "fp8" else module.global_scale
+                assert scale.numel() == 1 and scale.item() == pytest.approx(amax / qmax, rel=1e-7), name
