@@ -1,7 +1,7 @@
 """The `qcompile` command line.
 
     qcompile quantize MODEL_DIR OUT --recipe NAME [--calib TEXT_FILE] [--calib-samples N] [--seq-len L]
-                      [--format qcompile|compressed-tensors|onnx] [--dtype auto|bfloat16|float16|float32]
+                      [--format qcompile|compressed-tensors|modelopt|onnx] [--dtype auto|bfloat16|float16|float32]
                       [--exclude GLOB ...]
     qcompile export-onnx CHECKPOINT_DIR model.onnx [--opset 21] [--external-data auto|always|never]
                          [--int8-weights int8|uint8]
@@ -40,10 +40,11 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="calibration text file (default: the news corpus that ships in the gensim wheel)")
     quantize.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
     quantize.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
-    quantize.add_argument("--format", choices=("qcompile", "compressed-tensors", "onnx"), default="qcompile",
-                          help="qcompile (QuantizedModel.save, default), compressed-tensors (a Hugging Face checkpoint "
-                               "that vLLM, SGLang and transformers load; qcompile.export_hf) or onnx "
-                               "(qcompile.export_onnx)")
+    quantize.add_argument("--format", choices=("qcompile", "compressed-tensors", "modelopt", "onnx"),
+                          default="qcompile",
+                          help="qcompile (QuantizedModel.save, default); compressed-tensors or modelopt (Hugging Face "
+                               "checkpoints that vLLM, SGLang, TensorRT-LLM and transformers load; qcompile.export_hf); "
+                               "onnx (qcompile.export_onnx)")
     quantize.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                           help="dtype to load the model in (default: the checkpoint's own)")
     quantize.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
@@ -166,14 +167,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.recipe not in qcompile.RECIPES:
         raise _BadInput(f"unknown recipe {args.recipe!r}; valid recipes: {', '.join(qcompile.RECIPES)}")
     recipe = qcompile.RECIPES[args.recipe]
-    if args.format == "compressed-tensors":
-        from qcompile.checkpoints import ExportError, compressed_tensors
+    if args.format in ("compressed-tensors", "modelopt"):
+        from qcompile.checkpoints import FORMATS, ExportError
 
         try:
-            compressed_tensors.check_recipe(recipe)
+            FORMATS[args.format].check_recipe(recipe)
         except ExportError as error:
             raise _BadInput(str(error)) from error
-        recipe = dataclasses.replace(recipe, explicit_input_scales=False)  # the format has no input multiplier
+        if args.format == "compressed-tensors":  # the format has no per-layer input multiplier
+            recipe = dataclasses.replace(recipe, explicit_input_scales=False)
     if args.calib_samples < 1 or args.seq_len < 2:
         raise _BadInput("--calib-samples must be at least 1 and --seq-len at least 2")
     target = args.output
@@ -213,7 +215,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     try:
         if args.format == "onnx":
             path = qcompile.export_onnx(qm, target)
-        elif args.format == "compressed-tensors":
+        elif args.format in ("compressed-tensors", "modelopt"):
             path = qcompile.export_hf(qm, target, format=args.format, dtype=next(model.parameters()).dtype,
                                       tokenizer=tokenizer, overwrite=args.overwrite)
         else:

@@ -198,3 +198,75 @@ def test_fused_groups_share_per_tensor_scales(recipe):
                 module = tree.get_submodule(name)
                 scale = module.weight_scale if recipe == "fp8" else module.global_scale
                 assert scale.numel() == 1 and scale.item() == pytest.approx(amax / qmax, rel=1e-7), name
+
+
+# ------------------------------------------------------------------------------------------ Model Optimizer
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def modelopt_weight(tensors: dict, prefix: str, algo: str, shape) -> torch.Tensor:
+    """A layer's weight decoded from the unified checkpoint's definition (written here, not qcompile's code)."""
+    weight, scale = tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"]
+    rows, cols = shape
+    if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL"):
+        return weight.float() * (scale if scale.dim() == 0 else scale[:, None])
+    if algo == "FP8_PB_WO":
+        return weight.float() * scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
+    if algo == "W4A16_AWQ":  # two codes per byte along the output dimension, low nibble first
+        nibbles = torch.stack([weight & 0xF, weight >> 4], dim=1).reshape(rows, cols).to(torch.int32)
+        codes = torch.where(nibbles >= 8, nibbles - 16, nibbles).float()
+        return codes * scale.repeat_interleave(cols // scale.shape[1], dim=1)
+    if algo == "NVFP4":
+        values = E2M1[torch.stack([weight & 0xF, weight >> 4], dim=-1).reshape(rows, cols).long()]
+        block = scale.float() * tensors[f"{prefix}.weight_scale_2"]
+        return (values.reshape(rows, cols // 16, 16) * block[..., None]).reshape(rows, cols)
+    raise AssertionError(algo)
+
+
+MODELOPT = {"fp8": "FP8", "fp8_dynamic": "FP8_PER_CHANNEL_PER_TOKEN", "fp8_block": "FP8_PB_WO",
+            "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_AWQ", "nvfp4": "NVFP4"}
+
+
+@pytest.mark.parametrize("recipe", list(MODELOPT))
+def test_modelopt_checkpoint_decodes_to_qcompile_weights(recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    model = llama()
+    qm = qcompile.quantize(model, recipe, calib=hf_zoo.batches("llama"), progress=False)  # default recipe
+    qcompile.export_hf(qm, tmp_path / "out", format="modelopt", dtype=torch.float32)
+    described = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())
+    assert described["producer"]["name"] == "modelopt"
+    assert described["quantization"]["quant_algo"] == MODELOPT[recipe]
+    assert described["quantization"]["exclude_modules"] == ["lm_head"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "modelopt" and config["quant_algo"] == MODELOPT[recipe]
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    multipliers = 0
+    for name, layer in qm.as_module().named_modules():
+        if not isinstance(layer, QuantizedLinear):
+            continue
+        weight = modelopt_weight(tensors, name, MODELOPT[recipe], (layer.out_features, layer.in_features))
+        op = layer.op._schema.name.split("::")[1]
+        expected = {"fp8_linear": lambda: ref.dequantize_fp8_weight(layer.weight, layer.weight_scale,
+                                                                    layer.constants["block_size"]),
+                    "int8_linear": lambda: ref.dequantize_int8_weight(layer.weight, layer.weight_scale),
+                    }.get(op, lambda: _qcompile_weight(layer))()
+        assert torch.equal(weight, expected), name
+        if f"{name}.pre_quant_scale" in tensors:  # the input is multiplied by it before the layer
+            multipliers += 1
+            x = torch.randn(3, layer.in_features)
+            scaled = x * tensors[f"{name}.pre_quant_scale"]
+            if f"{name}.input_scale" in tensors:  # W8A8: then the static per-tensor INT8 activation rounding
+                scaled = numerics.fake_quantize(scaled, "int8", "tensor", scale=tensors[f"{name}.input_scale"])
+            y = scaled @ weight.T
+            torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    # the o_proj scales of AWQ/SmoothQuant have no fold point under grouped-query attention: pre_quant_scale
+    assert (multipliers > 0) == (recipe in ("int4_awq", "int8_sq"))
+
+
+def test_modelopt_refuses_recipes_it_has_no_name_for(tmp_path):
+    model = llama()
+    qm = qcompile.quantize(model, "int8_dynamic", calib=hf_zoo.batches("llama"), progress=False)
+    with pytest.raises(ExportError, match="int8_dynamic.*compressed-tensors"):
+        qcompile.export_hf(qm, tmp_path / "out", format="modelopt")
+    assert not (tmp_path / "out").exists()

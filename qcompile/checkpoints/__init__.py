@@ -2,7 +2,7 @@
 
 `export_hf(qm, out_dir, format=...)` writes `config.json` (with its `quantization_config`), safetensors shards with
 their index, `generation_config.json` and, when given, the tokenizer's files. One module per format says how each
-quantized layer's tensors and description are written (`compressed_tensors`); this module walks the model's
+quantized layer's tensors and description are written (`compressed_tensors`, `modelopt`); this module walks the model's
 module tree (`QuantizedModel.as_module()`), asks the format for each `QuantizedLinear`, casts the remaining float
 tensors to the export dtype and writes the directory atomically.
 """
@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from qcompile.checkpoints import compressed_tensors
+from qcompile.checkpoints import compressed_tensors, modelopt
 from qcompile.quantized_modules import QuantizedLinear
 
-FORMATS = {"compressed-tensors": compressed_tensors}
+FORMATS = {"compressed-tensors": compressed_tensors, "modelopt": modelopt}
 MAX_SHARD_BYTES = 5 * 10**9
 _INDEX_FILE = "model.safetensors.index.json"
 
@@ -99,6 +99,8 @@ def export_hf(
             generation.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for file_name, data in getattr(writer, "extra_files", lambda *args: {})(qm.recipe, tree, quantized).items():
+            (staging / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
