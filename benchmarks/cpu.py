@@ -247,10 +247,13 @@ def bench_decode(args) -> dict:
                  for recipe in args.decode_recipes]
     # qcompile.quantize's model called with a cache: the model's own code with QuantizedLinear layers (the path
     # qm.generate takes); the captured graph computes whole sequences only
-    variants += [(f"qcompile {recipe}: qcompile.quantize, cached decode",
-                  functools.partial(qc.quantize, model, recipe, [{"input_ids": b["input_ids"]} for b in calib],
-                                    progress=args.progress))
-                 for recipe in args.decode_recipes]
+    def quantized(recipe, compiled):
+        qm = qc.quantize(model, recipe, [{"input_ids": b["input_ids"]} for b in calib], progress=args.progress)
+        return qm.compile_module() if compiled else qm
+
+    variants += [(f"qcompile {recipe}: qcompile.quantize, cached decode{', compiled' if compiled else ''}",
+                  functools.partial(quantized, recipe, compiled))
+                 for recipe in args.decode_recipes for compiled in (False, True)]
     rows = [{"variant": "FP32 eager", "latency_s": fp32_s, "speedup": 1.0, "cos_mean": 1.0, "top1_agree": 1.0}]
     fp32_times = [fp32_s]
     for label, build in variants:

