@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--int4-group", type=int, default=64, help="INT4 group size (576 = 9 x 64)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="qcompile-export-bench-"))
     model, tokenizer = hf.load_smollm2()
     folder = work / "SmolLM2-135M"
+    # the weights were dequantized from GGUF on load: write them as a plain float checkpoint
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     windows = qeval.token_windows(tokenizer, hf.wiki_text(), args.windows, 512)
@@ -58,9 +63,11 @@ def main(argv=None) -> int:
         out = work / recipe
         dtype = "bfloat16" if recipe.startswith("nvfp4") else "float32"  # the format's NVFP4 loaders are bf16
         started = time.perf_counter()
+        # SmolLM2's width (576) is not a multiple of 128, which compressed-tensors needs of an INT4 group
+        group = ["--group-size", str(args.int4_group)] if qcompile.RECIPES[recipe].weights.format == "int4" else []
         run = subprocess.run([sys.executable, "-m", "qcompile.cli", "quantize", str(folder), str(out), "--recipe",
                               recipe, "--format", "compressed-tensors", "--dtype", dtype, "--calib-samples",
-                              str(args.calib_samples)], capture_output=True, text=True)
+                              str(args.calib_samples), *group], capture_output=True, text=True)
         if run.returncode:
             print(f"{recipe}: CLI failed: {run.stderr.strip().splitlines()[-1]}", flush=True)
             continue
@@ -71,6 +78,9 @@ def main(argv=None) -> int:
         # qcompile's own model from the same command: same recipe variant, same default calibration windows
         calib = [{"input_ids": w} for w in qeval.token_windows(tokenizer, hf.news_text(), args.calib_samples, 512)]
         variant = dataclasses.replace(qcompile.RECIPES[recipe], explicit_input_scales=False)
+        if group:
+            variant = dataclasses.replace(variant, weights=dataclasses.replace(variant.weights,
+                                                                               block_size=args.int4_group))
         source = model if dtype == "float32" else AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype), local_files_only=True).eval()  # as the CLI loads it
         qm = qcompile.quantize(source, variant, calib=calib, progress=False)

@@ -2,7 +2,7 @@
 
     qcompile quantize MODEL_DIR OUT --recipe NAME [--calib TEXT_FILE] [--calib-samples N] [--seq-len L]
                       [--format qcompile|compressed-tensors|modelopt|onnx] [--dtype auto|bfloat16|float16|float32]
-                      [--exclude GLOB ...]
+                      [--group-size N] [--exclude GLOB ...]
     qcompile export-onnx CHECKPOINT_DIR model.onnx [--opset 21] [--external-data auto|always|never]
                          [--int8-weights int8|uint8]
     qcompile --version
@@ -47,6 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                "onnx (qcompile.export_onnx)")
     quantize.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                           help="dtype to load the model in (default: the checkpoint's own)")
+    quantize.add_argument("--group-size", type=int, default=None,
+                          help="INT4 group size (default: the recipe's, 128); formats that need it to divide every "
+                               "layer's input width (compressed-tensors) may need a smaller one, e.g. 64")
     quantize.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
                           help="layer-name patterns left in float (replaces the recipe's list)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -167,6 +170,13 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.recipe not in qcompile.RECIPES:
         raise _BadInput(f"unknown recipe {args.recipe!r}; valid recipes: {', '.join(qcompile.RECIPES)}")
     recipe = qcompile.RECIPES[args.recipe]
+    if args.group_size is not None:
+        if recipe.weights.granularity != "group":
+            raise _BadInput(f"--group-size applies to group-wise weights; recipe {args.recipe!r} has "
+                            f"{recipe.weights.granularity} weight scales")
+        if args.group_size < 1:
+            raise _BadInput("--group-size must be positive")
+        recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, block_size=args.group_size))
     if args.format in ("compressed-tensors", "modelopt"):
         from qcompile.checkpoints import FORMATS, ExportError
 

@@ -108,7 +108,8 @@ def layer_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict
         group = layer.constants["group_size"]
         if layer.in_features % group:
             raise _error(f"layer {name!r}: compressed-tensors needs in_features ({layer.in_features}) divisible by "
-                         f"the group size ({group})")
+                         f"the group size ({group}): quantize with a group size that divides every layer's width "
+                         "(the weights' block_size; the CLI's --group-size)")
         codes = numerics.unpack_nibbles(layer.packed).to(torch.int32)[:, : layer.constants["in_features"]]
         signed = torch.where(codes >= 8, codes - 16, codes)
         out["weight_packed"] = pack_int32(signed + 8)
