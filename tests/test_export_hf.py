@@ -176,6 +176,7 @@ def test_cli_quantize_to_compressed_tensors(tmp_path, capsys):
         ([str(folder), str(tmp_path / "x"), "--recipe", "w4a8_awq", "--format", "compressed-tensors"],
          "no route in compressed-tensors"),
         ([str(tmp_path / "none"), str(tmp_path / "y"), "--recipe", "fp8"], "not a Hugging Face model folder"),
+        ([str(folder), str(tmp_path / "z"), "--recipe", "fp8", "--group-size", "64"], "applies to group-wise"),
         ([str(folder), str(tmp_path / "out"), "--recipe", "fp8"], "exists and is not empty"),
     ):
         assert main(["quantize", *args]) == 2
