@@ -119,7 +119,7 @@ def random_llama(
     vocab_size: int = 8000,
     seed: int = 0,
 ) -> nn.Module:
-    """A Llama-shaped `LlamaForCausalLM` with random weights (no KV cache), in eval mode."""
+    """A Llama-shaped `LlamaForCausalLM` with random weights (default config: KV cache on), in eval mode."""
     _offline()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -131,7 +131,6 @@ def random_llama(
         intermediate_size=intermediate_size,
         vocab_size=vocab_size,
         max_position_embeddings=2048,
-        use_cache=False,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

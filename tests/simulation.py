@@ -251,7 +251,6 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=2,
         vocab_size=128,
         max_position_embeddings=64,
-        use_cache=False,
     )
     return LlamaForCausalLM(config).eval()
 

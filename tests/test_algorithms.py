@@ -165,8 +165,6 @@ def _fold_case(fold_cases, name):
     if name not in fold_cases:
         factory, make = FOLD_MODELS[name]
         model = factory()
-        if name == "llama":
-            model.config.use_cache = False
         x = make(7)
         gm, _, observers = _calibrated(model, [make(100 + i) for i in range(3)])
         fold_cases[name] = (model, _output(model, x), gm, observers, x)

@@ -92,7 +92,7 @@ def test_generate_equals_recomputation(name, recipe):
     # the cache-free model code and the graph agree on logits; the float model does not (the layers are quantized)
     sequence = generated[:, :-1]
     graph_logits = qm(input_ids=sequence).logits
-    tree_logits = qm(input_ids=sequence, attention_mask=torch.ones_like(sequence), use_cache=False).logits
+    tree_logits = qm(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
     torch.testing.assert_close(tree_logits, graph_logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(model(input_ids=sequence).logits, graph_logits, atol=1e-4)
 
@@ -108,7 +108,7 @@ def test_generate_batch_with_padding_bf16():
     sequence = prompt
     for _ in range(6):  # recomputation with the mask extended, no cache
         mask_now = torch.cat([mask, torch.ones(2, sequence.shape[1] - 5, dtype=mask.dtype)], dim=1)
-        logits = qm(input_ids=sequence, attention_mask=mask_now, use_cache=False).logits
+        logits = qm(input_ids=sequence, attention_mask=mask_now).logits
         sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, sequence)
     # the padded row decodes as the unpadded prompt alone would

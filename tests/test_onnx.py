@@ -338,7 +338,7 @@ def tiny_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, use_cache=False)
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
 
 
