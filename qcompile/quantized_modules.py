@@ -41,6 +41,16 @@ class QuantizedLinear(nn.Module):
                 self.constants[name] = value
         self.register_buffer("input_multiplier", input_multiplier)
 
+    def _cpu_twin(self):
+        """The op's autograd-free CPU twin (the op itself where it has none), looked up once."""
+        twin = self.__dict__.get("_twin")
+        if twin is None:
+            from qcompile.lowering import cpu
+
+            twin = cpu.kernel_call_ops().get(self.op, self.op)
+            self.__dict__["_twin"] = twin
+        return twin
+
     def extra_repr(self) -> str:
         fmt = self.constants.get("input_format", "none")
         return f"{self.in_features} -> {self.out_features}, {self.op._schema.name}, inputs {fmt}"
@@ -50,9 +60,7 @@ class QuantizedLinear(nn.Module):
             x = (x * self.input_multiplier).to(x.dtype)
         op = self.op
         if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            from qcompile.lowering import cpu
-
-            op = cpu.kernel_call_ops().get(op, op)  # the autograd-free twin, as the eager graph calls it
+            op = self._cpu_twin()  # the autograd-free twin, as the eager graph calls it
         args = [self.constants[name] if name in self.constants else getattr(self, name)
                 for name in self.argument_names]
         return op(x, *args)

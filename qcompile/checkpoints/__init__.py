@@ -120,15 +120,16 @@ def _without_tied_copies(tree: nn.Module, tensors: dict[str, Tensor]) -> dict[st
 
 def _write_shards(directory: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> None:
     shards: list[dict[str, Tensor]] = [{}]
-    size = 0
+    size, stored = 0, set()
     for key in sorted(tensors):
         value = tensors[key].detach().contiguous().cpu()
         nbytes = value.numel() * value.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
-            size = 0
-        # safetensors refuses tensors that share memory
-        shards[-1][key] = value.clone() if any(value.data_ptr() == t.data_ptr() for t in shards[-1].values()) else value
+            size, stored = 0, set()
+        # safetensors refuses tensors of one file that share memory
+        shards[-1][key] = value.clone() if value.data_ptr() in stored else value
+        stored.add(value.data_ptr())
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
