@@ -64,3 +64,7 @@ def nvfp4_linear(
 ):
     w = dequantize_nvfp4_weight(packed, block_scale, global_scale, in_features)
     return _linear(quantize_input(x, input_format, input_granularity, input_scale), w, bias, x.dtype)
+
+
+def kv_round_trip(x: Tensor, scale: Tensor, fmt: str) -> Tensor:
+    return numerics.fake_quantize_kv(x, fmt, scale)

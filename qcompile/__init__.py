@@ -13,7 +13,10 @@ The ahead-of-time pipeline, top to bottom (`quantize` below):
    group of layers: `qcompile.passes.gptq`) and rewrite each linear into a `qcompile::` op holding packed quantized
    weights (`qcompile.passes.quantize_linears`);
    the ops are defined in `qcompile.ops` and implemented in `qcompile.lowering`;
-6. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`,
+6. with a KV-cache format, find each attention's keys and values in the graph (`qcompile.passes.find_attention`),
+   calibrate their static scales on the quantized graph and route them through the format
+   (`qcompile.passes.quantize_kv`);
+7. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`,
    `.generate()` (on the model's own module tree with quantized layers: `qcompile.quantized_modules`), and write
    checkpoints that serving engines load (`qcompile.export_hf`, `qcompile.checkpoints`).
 
@@ -36,8 +39,10 @@ from qcompile.checkpoints import export_hf
 from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq, wants_hessian
 from qcompile.model import QuantizedModel, load
 from qcompile.lowering.onnx import export_onnx
+from qcompile.passes.find_attention import find_attention
 from qcompile.passes.find_linears import find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
+from qcompile.passes.quantize_kv import insert_kv_observers, quantize_kv, remove_kv_observers
 from qcompile.recipes import RECIPES, QuantSpec, Recipe, resolve_recipe
 
 __all__ = [
@@ -62,6 +67,7 @@ def quantize(
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
     exclude: Iterable[str] | None = None,
+    kv_cache: str | None = None,
     progress: bool = True,
 ) -> QuantizedModel | nn.Module:
     """Quantize `model` ahead of time and return a `QuantizedModel` called exactly like it.
@@ -69,12 +75,17 @@ def quantize(
     `calib` is an iterable of model inputs (tensors, tuples of positional inputs, or dicts of keyword inputs) or a
     `forward_loop(model)` callable; it is needed by recipes with static activation scales. The example inputs
     used for capture default to the first calibration batch. A model with no quantizable linear comes back
-    unchanged, with a warning.
+    unchanged, with a warning. `kv_cache` ("fp8" or "nvfp4", default the recipe's) quantizes the keys and values
+    of every attention with static scales calibrated on `calib`.
     """
-    recipe = resolve_recipe(recipe, exclude=exclude)
-    if recipe.kv_cache is not None:
-        raise NotImplementedError("KV-cache quantization (Recipe.kv_cache) is not implemented yet")
+    recipe = resolve_recipe(recipe, exclude=exclude, kv_cache=kv_cache)
     args, kwargs, calib = _example_call(example_inputs, example_kwargs, calib)
+    if recipe.kv_cache is not None:
+        if calib is None:
+            raise ValueError(f"kv_cache={recipe.kv_cache!r} calibrates static key and value scales: pass "
+                             "calib=[batch, ...]")
+        if isinstance(calib, Iterable) and iter(calib) is calib:
+            calib = list(calib)  # read once for the layers and once more for the keys and values
 
     tree = module_tree(model)
     graph = capture(tree, args, kwargs)
@@ -105,7 +116,27 @@ def quantize(
 
     float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     layers = convert(graph, sites, recipe, observers, calibration_forward=calibration_forward, progress=progress)
-    return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes, tree)
+    kv_layers = []
+    if recipe.kv_cache is not None:
+        kv_layers = _quantize_kv_cache(graph, recipe.kv_cache, calib, describe_call(args, kwargs), progress)
+    return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes, tree,
+                          kv_layers=kv_layers)
+
+
+def _quantize_kv_cache(graph, fmt: str, calib, expected: str, progress: bool) -> list:
+    """Calibrate the keys and values of every attention on the quantized graph (after the algorithms folded their
+    scales, some into value projections) and route them through the KV-cache format."""
+    attentions = find_attention(graph)
+    if not attentions:
+        raise ValueError(f"kv_cache={fmt!r}: the model has no attention (scaled_dot_product_attention or "
+                         "softmax(q @ k^T) @ v) whose keys and values could be quantized")
+    observers = insert_kv_observers(graph, attentions)
+    run_calibration(graph, calib, desc="kv-cache scales", progress=progress, expected=expected)
+    remove_kv_observers(graph)
+    missing = [f"{name} ({which}s)" for (name, which), o in observers.items() if o.amax is None]
+    if missing:
+        raise ValueError(f"kv_cache={fmt!r}: the calibration batches never ran attention {missing[0]}")
+    return quantize_kv(graph, attentions, fmt, {key: o.amax for key, o in observers.items()})
 
 
 def _example_call(example_inputs, example_kwargs, calib):

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from qcompile.atomic import swap_into_place
 from qcompile.capture import export_program
 from qcompile.passes.quantize_linears import LayerReport
+from qcompile.passes.quantize_kv import KVReport
 from qcompile.quantized_modules import build_quantized_tree, freeze_parameters
 from qcompile.recipes import QuantSpec, Recipe
 
@@ -41,11 +42,14 @@ class QuantizedModel(nn.Module):
         algorithm: str,
         float_bytes: int | None = None,
         tree: nn.Module | None = None,
+        *,
+        kv_layers: list[KVReport] = (),
     ):
         super().__init__()
         self.graph_module = graph_module
         self.recipe = recipe
         self.layers = list(layers)
+        self.kv_layers = list(kv_layers)
         self.algorithm = algorithm
         self.float_bytes = float_bytes
         self._example = example
@@ -278,11 +282,29 @@ class QuantizedModel(nn.Module):
         if self.float_bytes:
             size += f" (float: {self.float_bytes:,}, {self.float_bytes / self.model_bytes:.2f}x smaller)"
         lines.append(size)
+        lines.extend(self._kv_report())
         notes = [layer for layer in self.layers if layer.calibration]
         if notes:
             lines.append(f"{len(notes)} layers calibrated otherwise: " + "; ".join(
                 f"{layer.name}: {layer.calibration}" for layer in notes[:8]) + ("; ..." if len(notes) > 8 else ""))
         return "\n".join(lines)
+
+    def _kv_report(self) -> list[str]:
+        if not self.kv_layers:
+            return []
+        rows = [("attention", "kv cache", "key scale", "value scale", "elements/token")]
+        rows += [(kv.name, kv.format, f"{kv.key_scale:.4g}", f"{kv.value_scale:.4g}", str(kv.elements_per_token))
+                 for kv in self.kv_layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        float_bytes = torch.finfo(_float_dtype(self.graph_module)).bits // 8
+        before = sum(kv.bytes_per_token(float_bytes)[0] for kv in self.kv_layers)
+        after = sum(kv.bytes_per_token(float_bytes)[1] for kv in self.kv_layers)
+        if after:
+            lines.append(f"KV cache per token: {before:,.0f} bytes in {str(_float_dtype(self.graph_module))[6:]} -> "
+                         f"{after:,.0f} bytes in {self.kv_layers[0].format} ({before / after:.2f}x smaller)")
+        return lines
 
     # -- checkpoint ---------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -299,6 +321,7 @@ class QuantizedModel(nn.Module):
             "algorithm": self.algorithm,
             "float_bytes": self.float_bytes,
             "layers": [layer.to_json() for layer in self.layers],
+            "kv_cache": [layer.to_json() for layer in self.kv_layers],
             "example": _example_to_json(args, kwargs),
             # modules whose import registers the container types of the call's inputs and outputs (Hugging Face
             # ModelOutput classes register themselves with pytree when their module is imported)
@@ -359,6 +382,7 @@ class QuantizedModel(nn.Module):
             (args, kwargs),
             meta["algorithm"],
             meta.get("float_bytes"),
+            kv_layers=[KVReport.from_json(layer) for layer in meta.get("kv_cache", [])],
         )
 
 
@@ -391,6 +415,8 @@ def _quantization_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
             for name, arg in zip(names, node.args):
                 if name not in ("x", "bias") and isinstance(arg, fx.Node) and arg.op == "get_attr":
                     tensors.append(gm.get_buffer(str(arg.target)))
+        elif node.op == "call_function" and node.target is torch.ops.qcompile.kv_round_trip.default:
+            tensors.append(gm.get_buffer(str(node.args[1].target)))
         elif node.op == "get_attr" and str(node.target).endswith(("_inverse_scale", "input_multiplier")):
             tensors.append(gm.get_buffer(str(node.target)))
     return tensors

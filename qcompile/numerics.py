@@ -33,6 +33,8 @@ __all__ = [
     "e2m1_encode",
     "e2m1_decode",
     "fake_quantize",
+    "kv_cache_scale",
+    "fake_quantize_kv",
     "INT8_MAX",
     "FP8_E4M3_MAX",
     "E2M1_MAX",
@@ -433,3 +435,27 @@ def fake_quantize(
         bits = 4 if fmt == "int4" else 3
         return dequantize_int4(quantize_int4(x, group_size=g, symmetric=True, bits=bits), x.dtype)
     raise ValueError(f"unknown format {fmt!r}; expected 'int8', 'fp8_e4m3', 'nvfp4', 'int4' or 'int3'")
+
+
+# ------------------------------------------------------------------------------------------- KV cache
+
+# The largest magnitude each KV-cache format represents at scale 1 (docs/kv-cache.md).
+KV_CACHE_QMAX = {"fp8": FP8_E4M3_MAX, "nvfp4": E2M1_MAX * FP8_E4M3_MAX}
+
+
+def kv_cache_scale(amax: Tensor, fmt: str) -> Tensor:
+    """The static scale of keys or values whose calibrated max |x| is `amax`: amax/448 for "fp8" (the per-tensor
+    scale), amax/(6*448) for "nvfp4" (the global scale under the per-block FP8 scales). Float32, 0-d."""
+    if fmt not in KV_CACHE_QMAX:
+        raise ValueError(f"unknown KV-cache format {fmt!r}; expected one of {', '.join(KV_CACHE_QMAX)}")
+    return nonzero_scale(exact_div(torch.as_tensor(amax, dtype=torch.float32).reshape(()), KV_CACHE_QMAX[fmt]))
+
+
+def fake_quantize_kv(x: Tensor, fmt: str, scale: Tensor) -> Tensor:
+    """Keys or values `[..., head_dim]` through the KV-cache format and back, in x's dtype: "fp8" is FP8 E4M3 with
+    one static scale; "nvfp4" is NVFP4 in blocks of 16 along the head dimension with the static global `scale`."""
+    if fmt == "fp8":
+        return fake_quantize(x, "fp8_e4m3", "tensor", scale=scale)
+    if fmt == "nvfp4":
+        return fake_quantize(x, "nvfp4", "block", scale=scale, block_size=16)
+    raise ValueError(f"unknown KV-cache format {fmt!r}; expected one of {', '.join(KV_CACHE_QMAX)}")

@@ -114,6 +114,22 @@ def _(x, packed, block_scale, global_scale, in_features, bias, input_scale, inpu
     return _output_like(x, packed.shape[0])
 
 
+
+@torch.library.custom_op("qcompile::kv_round_trip", mutates_args=())
+def kv_round_trip(x: Tensor, scale: Tensor, format: str) -> Tensor:
+    """Keys or values `[..., head_dim]` as a quantized KV cache stores them, back in x's dtype: `format` "fp8"
+    (static per-tensor scale) or "nvfp4" (blocks of 16 along the last axis under the static global `scale`)."""
+    return ref.kv_round_trip(x, scale, format)
+
+
+@kv_round_trip.register_fake
+def _(x, scale, format):
+    return torch.empty_like(x)
+
+
+# Gradients pass straight through the rounding, as for the linears below.
+kv_round_trip.register_autograd(lambda ctx, grad: (grad, None, None))
+
 # ------------------------------------------------------------------------------------------------- autograd
 # The weights are frozen codes, so only the activation and the bias get gradients: d x = d out @ W, d bias = sum of
 # d out, with W the dequantized weight. Quantized activations pass the gradient straight through (the usual

@@ -8,7 +8,8 @@ objects, attention masks, `generate`). `build_quantized_tree` takes the module t
   with the same arguments as the graph's node (its layer name is on the node);
 - a constant that the algorithms put in place of a model parameter (a norm weight with SmoothQuant's or AWQ's
   scale folded in) replaces that parameter;
-- an input multiplier (the 1/s that SmoothQuant/AWQ insert where no fold point exists) is applied by the layer.
+- an input multiplier (the 1/s that SmoothQuant/AWQ insert where no fold point exists) is applied by the layer;
+- a quantized KV cache is applied by the attention modules (`qcompile.kv_cache`).
 
 Every other tensor of the tree is the graph's own (shared by name), so the tree and the graph compute the same
 function with the same storage.
@@ -118,6 +119,9 @@ def build_quantized_tree(tree: nn.Module, gm: fx.GraphModule) -> nn.Module:
         quantized = QuantizedLinear(node.target, arguments, weight_shape[1], weight_shape[0], multiplier)
         parent_name, _, attr = layer.rpartition(".")
         setattr(tree.get_submodule(parent_name) if parent_name else tree, attr, quantized)
+    from qcompile.kv_cache import install_kv_quantization
+
+    install_kv_quantization(tree, gm)
     freeze_parameters(tree)  # inference only, as the graph
     return tree.eval()
 

@@ -1,0 +1,97 @@
+"""KV-cache quantization in the model's own code: what the graph's `qcompile::kv_round_trip` nodes compute, done by
+the attention modules of the module tree, so that `generate` with a cache reads quantized keys and values.
+
+Hugging Face attention modules compute their keys and values (rotary embeddings applied, the cache updated) and
+hand them to an attention function looked up by the config's `_attn_implementation`. The tree's configs name a
+wrapper of that function (registered with transformers under `qcompile_kv_<original>`) which sends the keys and
+values through the same op with the same scales as the graph before calling the original. The module each graph
+node belongs to is recorded on the node (`qcompile.passes.quantize_kv.KV_ROLE`), so nothing here knows names.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor, fx, nn
+
+from qcompile.passes.quantize_kv import KV_ROLE
+
+_PREFIX = "qcompile_kv_"
+
+
+class KVQuantization(nn.Module):
+    """The format and static scales of one attention's keys and values (the graph's own scale tensors)."""
+
+    def __init__(self, fmt: str, key_scale: Tensor, value_scale: Tensor):
+        super().__init__()
+        self.format = fmt
+        self.register_buffer("key_scale", key_scale)
+        self.register_buffer("value_scale", value_scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.format}, key scale {float(self.key_scale):.4g}, value scale {float(self.value_scale):.4g}"
+
+    def forward(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        op = torch.ops.qcompile.kv_round_trip.default
+        return op(key, self.key_scale, self.format), op(value, self.value_scale, self.format)
+
+
+def _original_function(name: str, module: nn.Module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    # "eager" is each model's own function, defined next to its attention module
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise NotImplementedError(f"{type(module).__name__} uses attention {name!r}, which qcompile cannot wrap to "
+                                  "quantize its KV cache; load the model with attn_implementation='sdpa'")
+    return function
+
+
+def _register_wrapper(original: str) -> str:
+    """Register with transformers an attention function (and its mask) that quantizes keys and values, then calls
+    the `original` one; returns its name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = _PREFIX + original
+
+    def attention(module, query, key, value, *args, **kwargs):
+        quantization = getattr(module, "qcompile_kv", None)
+        if quantization is not None:
+            key, value = quantization(key, value)
+        return _original_function(original, module)(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    if original in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[original])
+    return name
+
+
+def install_kv_quantization(tree: nn.Module, gm: fx.GraphModule) -> None:
+    """Give each attention module of `tree` the graph's KV round trip (in place)."""
+    found: dict[str, dict] = {}
+    for node in gm.graph.nodes:
+        if KV_ROLE not in node.meta or node.op != "call_function":
+            continue
+        name, which = node.meta[KV_ROLE]
+        _, scale, fmt = node.args
+        value = gm
+        for part in str(scale.target).split("."):
+            value = getattr(value, part)
+        found.setdefault(name, {"format": fmt})[which] = value
+    if not found:
+        return
+    for name, entry in found.items():
+        if "#" in name:
+            raise NotImplementedError(f"module {name.split('#')[0]!r} runs several attentions; its quantized KV "
+                                      "cache runs in the captured graph only")
+        module = tree.get_submodule(name)
+        module.qcompile_kv = KVQuantization(entry["format"], entry["key"], entry["value"])
+    for module in tree.modules():
+        config = getattr(module, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if isinstance(current, str) and not current.startswith(_PREFIX):
+            config._attn_implementation = _register_wrapper(current)
