@@ -52,6 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                "layer's input width (compressed-tensors) may need a smaller one, e.g. 64")
     quantize.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
                           help="layer-name patterns left in float (replaces the recipe's list)")
+    quantize.add_argument("--kv-cache", choices=("fp8", "nvfp4"), default=None,
+                          help="quantize the KV cache (static scales calibrated on the calibration text)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output")
     quantize.set_defaults(run=_quantize)
 
@@ -177,6 +179,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         if args.group_size < 1:
             raise _BadInput("--group-size must be positive")
         recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, block_size=args.group_size))
+    if args.kv_cache is not None:
+        recipe = dataclasses.replace(recipe, kv_cache=args.kv_cache)
     if args.format in ("compressed-tensors", "modelopt"):
         from qcompile.checkpoints import FORMATS, ExportError
 

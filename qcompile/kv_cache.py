@@ -84,11 +84,12 @@ def install_kv_quantization(tree: nn.Module, gm: fx.GraphModule) -> None:
         found.setdefault(name, {"format": fmt})[which] = value
     if not found:
         return
+    modules = dict(tree.named_modules())
     for name, entry in found.items():
-        if "#" in name:
-            raise NotImplementedError(f"module {name.split('#')[0]!r} runs several attentions; its quantized KV "
-                                      "cache runs in the captured graph only")
-        module = tree.get_submodule(name)
+        module = modules.get(name)
+        if module is None or not hasattr(module, "config"):
+            raise NotImplementedError(f"attention {name!r} is not a Hugging Face attention module, whose keys and "
+                                      "values qcompile quantizes in the model's own code")
         module.qcompile_kv = KVQuantization(entry["format"], entry["key"], entry["value"])
     for module in tree.modules():
         config = getattr(module, "config", None)

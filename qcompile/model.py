@@ -59,8 +59,14 @@ class QuantizedModel(nn.Module):
         # The model's own module tree with the quantized layers installed (`qcompile.quantized_modules`), for
         # calls the graph was not captured for (a KV cache, attention masks) and `generate`. Held outside the
         # module tree of `self` (not in the state dict; its tensors are the graph's).
+        self._tree_missing = "a loaded checkpoint does not (it holds the captured graph only)"
         if tree is not None:
-            tree = build_quantized_tree(tree, graph_module)
+            try:
+                tree = build_quantized_tree(tree, graph_module)
+            except NotImplementedError as error:
+                # the graph computes something the module tree cannot (a KV cache quantized outside an attention
+                # module): calls go to the graph only
+                tree, self._tree_missing = None, f"this model's does not: {error}"
         object.__setattr__(self, "_tree", tree)
         self._build_graph_variants()
 
@@ -129,7 +135,8 @@ class QuantizedModel(nn.Module):
 
         def keep_quantized(t):
             out = fn(t)
-            return out.to(t.dtype) if id(t) in protected and out.dtype != t.dtype else out
+            # the device move alone: a round trip through the new dtype would round float32 scales
+            return t.to(device=out.device) if id(t) in protected and out.dtype != t.dtype else out
 
         previous_dtype = _float_dtype(self.graph_module)
         slots = self._tree_slots()
@@ -207,8 +214,8 @@ class QuantizedModel(nn.Module):
         return self._tree
 
     def _no_tree_reason(self, what: str) -> str:
-        return (f"{what}() needs the model's module tree, which a QuantizedModel returned by qcompile.quantize "
-                "holds and a loaded checkpoint does not (it holds the captured graph only)")
+        return (f"{what}() needs the model's module tree with the quantized layers installed, which a QuantizedModel "
+                f"returned by qcompile.quantize usually holds; {self._tree_missing}")
 
     def _matches_capture(self, args: tuple, kwargs: dict) -> bool:
         example_args, example_kwargs = self._example

@@ -77,9 +77,14 @@ def export_hf(
                 tensors[f"{name}.{key}"] = value
     if not quantized:
         raise ExportError("the model has no quantized layer to export")
+    kv_reports = {report.name: report for report in getattr(qm, "kv_layers", [])}
+    for name, module in tree.named_modules():
+        quantization = getattr(module, "qcompile_kv", None)
+        if quantization is not None:
+            tensors.update(writer.kv_cache_tensors(kv_reports[name], quantization))
     for key, value in tree.state_dict(keep_vars=False).items():
         owner = key.rpartition(".")[0]
-        if owner in quantized:
+        if owner in quantized or owner.endswith("qcompile_kv"):
             continue
         tensors[key] = value.to(dtype) if value.is_floating_point() else value
     tensors = _without_tied_copies(tree, tensors)

@@ -38,6 +38,9 @@ def _error(message: str) -> Exception:
 def check_recipe(recipe: Recipe) -> None:
     """Raise for a recipe that has no exact route into this format."""
     weights, inputs = recipe.weights, recipe.inputs
+    if recipe.kv_cache not in (None, "fp8"):
+        raise _error(f"kv_cache={recipe.kv_cache!r}: compressed-tensors' engines read 8-bit float KV caches only; "
+                     "export an NVFP4 KV cache with format='modelopt'")
     if weights.format not in _LAYER_FORMAT or (weights.format == "int4" and not weights.symmetric):
         raise _error(f"recipe {recipe.name!r}: {weights.format} weights{'' if weights.symmetric else ' (asymmetric)'} "
                      "have no compressed-tensors layout qcompile writes")
@@ -84,8 +87,21 @@ def quantization_config(recipe: Recipe, tree: nn.Module, quantized: dict[str, Qu
              "input_activations": None if recipe.inputs is None else _args(recipe.inputs, weights=False),
              "output_activations": None, "format": fmt}
     return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-            "config_groups": {"group_0": group}, "ignore": ignore, "kv_cache_scheme": None,
+            "config_groups": {"group_0": group}, "ignore": ignore, "kv_cache_scheme": _kv_cache_scheme(recipe),
             "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}, "version": VERSION}
+
+
+def _kv_cache_scheme(recipe: Recipe) -> dict | None:
+    if recipe.kv_cache is None:
+        return None
+    return {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+
+
+def kv_cache_tensors(report, quantization) -> dict[str, Tensor]:
+    """`<attention>.k_scale` / `v_scale` `[1]` (float32), the attention's per-tensor static FP8 scales."""
+    return {f"{report.name}.k_scale": quantization.key_scale.float().reshape(1),
+            f"{report.name}.v_scale": quantization.value_scale.float().reshape(1)}
 
 
 def layer_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:

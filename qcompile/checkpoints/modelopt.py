@@ -18,6 +18,10 @@ read them (scales are float32 unless said otherwise; a 0-d tensor is one number)
 - NVFP4 multiplies by its global scales: `weight_scale_2` is qcompile's global scale and `input_scale` the static
   input global scale (amax / (6 * 448)), so the dequantized weight is `e2m1 * weight_scale * weight_scale_2`, as
   qcompile defines it.
+- A quantized KV cache is `kv_cache_quant_algo` FP8 or NVFP4 with `<key projection>.k_scale` and
+  `<value projection>.v_scale`: the FP8 scale amax/448 (not raised to 1, as Model Optimizer's own exporter does
+  for engines that once ignored the scale: the checkpoint computes what qcompile computes), or the NVFP4 global
+  scale amax/(6*448).
 - An AWQ or SmoothQuant scale with no earlier op to fold into is `pre_quant_scale [K]`: the input is multiplied by
   it before it is quantized (W4A16_AWQ and W8A8_SQ_PER_CHANNEL).
 """
@@ -70,13 +74,26 @@ def check_recipe(recipe: Recipe) -> None:
     quant_algo(recipe)
 
 
+_KV_CACHE_ALGO = {None: None, "fp8": "FP8", "nvfp4": "NVFP4"}
+
+
+def kv_cache_tensors(report, quantization) -> dict[str, Tensor]:
+    """`<key projection>.k_scale` and `<value projection>.v_scale` (float32, 0-d): the FP8 scale, or the NVFP4
+    global scale, of the attention's keys and values."""
+    if not report.key_projection or not report.value_projection:
+        raise _error(f"attention {report.name!r}: no linear layer computes its keys or values, and Model "
+                     "Optimizer's format stores the KV-cache scales under those layers")
+    return {f"{report.key_projection}.k_scale": quantization.key_scale.float().reshape(()),
+            f"{report.value_projection}.v_scale": quantization.value_scale.float().reshape(())}
+
+
 def check_dtype(recipe: Recipe, dtype: torch.dtype) -> None:
     pass
 
 
 def _description(recipe: Recipe, ignore: list[str]) -> dict:
     algo = quant_algo(recipe)
-    details = {"quant_algo": algo, "kv_cache_quant_algo": None}
+    details = {"quant_algo": algo, "kv_cache_quant_algo": _KV_CACHE_ALGO[recipe.kv_cache]}
     if algo == "W4A16_AWQ":
         details.update(group_size=int(recipe.weights.block_size), has_zero_point=False, pre_quant_scale=True)
     elif algo == "NVFP4":
@@ -100,6 +117,10 @@ def quantization_config(recipe: Recipe, tree: nn.Module, quantized: dict) -> dic
     details = _description(recipe, _ignored(tree, quantized))
     config = {"quant_method": "modelopt", "quant_algo": details["quant_algo"], "ignore": details["exclude_modules"],
               "producer": {"name": "modelopt", "version": PRODUCER_VERSION}, "kv_cache_scheme": None}
+    if recipe.kv_cache == "fp8":
+        config["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    elif recipe.kv_cache is not None:
+        config["kv_cache_scheme"] = _KV_CACHE_ALGO[recipe.kv_cache]
     for key in ("group_size", "has_zero_point", "pre_quant_scale"):
         if key in details:
             config[key] = details[key]
