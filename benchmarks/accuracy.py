@@ -68,6 +68,7 @@ MODELOPT_CONFIGS = {
     "int4_awq": "INT4_AWQ_CFG",
     "w4a8_awq": "W4A8_AWQ_BETA_CFG",
     "nvfp4": "NVFP4_DEFAULT_CFG",
+    "fp8 + FP8 KV": ("FP8_DEFAULT_CFG", "FP8_KV_CFG"),
 }
 
 
@@ -92,6 +93,10 @@ def configs() -> list[tuple[str, qc.Recipe | None, str | None]]:
         ("w4a8_awq", r["w4a8_awq"], "W4A8 max"),
         ("nvfp4", r["nvfp4"], None),
         ("nvfp4 + AWQ", replace(r["nvfp4"], algorithm="awq", name="nvfp4_awq"), "nvfp4"),
+        ("fp8 + FP8 KV", replace(r["fp8"], kv_cache="fp8", name="fp8_kv_fp8"), "fp8"),
+        ("fp8 + NVFP4 KV", replace(r["fp8"], kv_cache="nvfp4", name="fp8_kv_nvfp4"), "fp8"),
+        ("nvfp4 + FP8 KV", replace(r["nvfp4"], kv_cache="fp8", name="nvfp4_kv_fp8"), "nvfp4"),
+        ("nvfp4 + NVFP4 KV", replace(r["nvfp4"], kv_cache="nvfp4", name="nvfp4_kv_nvfp4"), "nvfp4"),
     ]
 
 
@@ -126,6 +131,8 @@ class Calibrated:
             return graph, seconds, self.capture_s + seconds
         observers = {site.name: self.observers[site.name] for site in sites}
         convert(graph, sites, recipe, observers, progress=self.progress)
+        if recipe.kv_cache is not None:  # calibrated on the converted graph, as qcompile.quantize does
+            qc._quantize_kv_cache(graph, recipe.kv_cache, self.calib, None, self.progress)
         seconds = time.perf_counter() - start
         return graph, seconds, self.capture_s + self.calibrate_s + seconds
 
@@ -143,8 +150,14 @@ def _modelopt_row(model, label: str, calib: list, evaluate) -> dict | None:
         for batch in calib:
             m(**batch) if isinstance(batch, dict) else m(batch)
 
+    names = MODELOPT_CONFIGS[label]
+    if isinstance(names, tuple):  # a layer config and a KV-cache config, merged as Model Optimizer's examples do
+        config = copy.deepcopy(getattr(mtq, names[0]))
+        config["quant_cfg"].update(getattr(mtq, names[1])["quant_cfg"])
+    else:
+        config = getattr(mtq, names)
     with torch.no_grad():
-        mtq.quantize(quantized, getattr(mtq, MODELOPT_CONFIGS[label]), forward_loop=forward_loop)
+        mtq.quantize(quantized, config, forward_loop=forward_loop)
     seconds = time.perf_counter() - start
     return {"metric": evaluate(quantized), "quantize_s": seconds}
 

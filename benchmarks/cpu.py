@@ -247,13 +247,15 @@ def bench_decode(args) -> dict:
                  for recipe in args.decode_recipes]
     # qcompile.quantize's model called with a cache: the model's own code with QuantizedLinear layers (the path
     # qm.generate takes); the captured graph computes whole sequences only
-    def quantized(recipe, compiled):
-        qm = qc.quantize(model, recipe, [{"input_ids": b["input_ids"]} for b in calib], progress=args.progress)
+    def quantized(recipe, kv_cache, compiled):
+        qm = qc.quantize(model, recipe, [{"input_ids": b["input_ids"]} for b in calib], kv_cache=kv_cache,
+                         progress=args.progress)
         return qm.compile_module() if compiled else qm
 
-    variants += [(f"qcompile {recipe}: qcompile.quantize, cached decode{', compiled' if compiled else ''}",
-                  functools.partial(quantized, recipe, compiled))
-                 for recipe in args.decode_recipes for compiled in (False, True)]
+    kv_caches = [None, *args.decode_kv_cache]
+    variants += [(f"qcompile {recipe}{f' + {kv.upper()} KV' if kv else ''}: qcompile.quantize, cached decode"
+                  f"{', compiled' if compiled else ''}", functools.partial(quantized, recipe, kv, compiled))
+                 for recipe in args.decode_recipes for compiled in (False, True) for kv in kv_caches]
     rows = [{"variant": "FP32 eager", "latency_s": fp32_s, "speedup": 1.0, "cos_mean": 1.0, "top1_agree": 1.0}]
     fp32_times = [fp32_s]
     for label, build in variants:
@@ -302,6 +304,9 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", default=",".join(ENCODER_RECIPES), help="encoder recipes (default: %(default)s)")
     parser.add_argument("--sentences", type=int, default=256, help="sentences for the cosine (default: %(default)s)")
     parser.add_argument("--decode-recipes", default=",".join(DECODE_RECIPES), help="(default: %(default)s)")
+    parser.add_argument("--decode-kv-cache", default="fp8",
+                        help="KV-cache formats also timed for each decode recipe, comma-separated, or '' (default: "
+                             "%(default)s)")
     parser.add_argument("--prompt", type=int, default=64, help="decode prompt tokens (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps (default: %(default)s)")
     parser.add_argument("--decode-calib", type=int, default=8, help="256-token calibration windows (default: %(default)s)")
@@ -310,6 +315,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.recipes = _split(args.recipes, qc.RECIPES, "recipe", parser) if args.recipes else []
     args.decode_recipes = _split(args.decode_recipes, qc.RECIPES, "recipe", parser) if args.decode_recipes else []
+    args.decode_kv_cache = (_split(args.decode_kv_cache, {"fp8": 1, "nvfp4": 1}, "KV-cache format", parser)
+                            if args.decode_kv_cache else [])
     if min(args.threads, args.repeats, args.steps, args.prompt) < 1 or args.warmup < 0:
         parser.error("--threads, --repeats, --steps and --prompt must be at least 1, --warmup at least 0")
 

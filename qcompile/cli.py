@@ -180,6 +180,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
             raise _BadInput("--group-size must be positive")
         recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, block_size=args.group_size))
     if args.kv_cache is not None:
+        if args.format == "onnx":
+            raise _BadInput("--kv-cache has no ONNX translation yet; use --format qcompile, compressed-tensors or "
+                            "modelopt")
         recipe = dataclasses.replace(recipe, kv_cache=args.kv_cache)
     if args.format in ("compressed-tensors", "modelopt"):
         from qcompile.checkpoints import FORMATS, ExportError

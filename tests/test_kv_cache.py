@@ -344,3 +344,22 @@ def test_a_change_of_dtype_keeps_the_float32_scales_exactly():
         s for kv in qm.kv_layers for s in (kv.key_scale, kv.value_scale))
     assert torch.equal(float32_values(), before)
     assert qm(**calib[0]).logits.dtype == torch.bfloat16
+
+
+def test_cli_kv_cache(tmp_path, capsys):
+    from qcompile.cli import main
+
+    folder = hf_zoo.model_folder(tmp_path / "model", hf_zoo.llama())
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    assert main(["quantize", str(folder), str(tmp_path / "out"), "--recipe", "fp8", "--format", "modelopt",
+                 "--kv-cache", "fp8", "--calib", str(calib), "--calib-samples", "2", "--seq-len", "32"]) == 0
+    assert "KV cache per token" in capsys.readouterr().out
+    quant = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["kv_cache_quant_algo"] == "FP8"
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert {k for k in tensors if k.endswith(("k_scale", "v_scale"))} == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj.k_scale", "v_proj.v_scale")}
+    assert main(["quantize", str(folder), str(tmp_path / "x.onnx"), "--recipe", "fp8", "--format", "onnx",
+                 "--kv-cache", "fp8"]) == 2
+    assert "--kv-cache has no ONNX translation" in capsys.readouterr().err
