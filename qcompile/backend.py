@@ -81,7 +81,9 @@ class BackendOptions:
             raise ValueError(f"unknown option(s) {unknown} for backend 'quant'; valid options are {valid}")
         recipe = resolve_recipe(options.get("recipe", "fp8_dynamic"), exclude=options.get("exclude"))
         if recipe.kv_cache is not None:
-            raise NotImplementedError("KV-cache quantization (Recipe.kv_cache) is not implemented yet")
+            raise NotImplementedError("backend 'quant' does not quantize the KV cache yet: use "
+                                      "qcompile.quantize(model, recipe, calib=..., kv_cache=...), whose "
+                                      "qm.generate() runs the quantized cache")
         compiler = options.get("compiler", "inductor")
         if compiler not in COMPILERS:
             raise ValueError(f"unknown compiler {compiler!r}; valid compilers: {', '.join(COMPILERS)}")
