@@ -1,11 +1,18 @@
 """KV-cache quantization in the model's own code: what the graph's `qcompile::kv_round_trip` nodes compute, done by
 the attention modules of the module tree, so that `generate` with a cache reads quantized keys and values.
 
-Hugging Face attention modules compute their keys and values (rotary embeddings applied, the cache updated) and
-hand them to an attention function looked up by the config's `_attn_implementation`. The tree's configs name a
-wrapper of that function (registered with transformers under `qcompile_kv_<original>`) which sends the keys and
-values through the same op with the same scales as the graph before calling the original. The module each graph
-node belongs to is recorded on the node (`qcompile.passes.quantize_kv.KV_ROLE`), so nothing here knows names.
+Hugging Face attention modules compute their keys and values (rotary embeddings applied), store them in the cache
+given to them, and hand the cache's keys and values to an attention function looked up by the config's
+`_attn_implementation`. Two hooks do what the graph's round trip does, with the same op and scale tensors:
+
+- with a cache, the keys and values are quantized when they are stored (the attention module's `cache.update`
+  is wrapped for the duration of its call), so the cache holds quantized values and each token is quantized once;
+- without one (or while torch.compile traces, which the instance-level wrapping would not survive), the tree's
+  configs name a wrapper of the attention function (registered with transformers as `qcompile_kv_<original>`)
+  that quantizes the keys and values it is handed.
+
+The round trip acts on each token alone, so both compute the graph's function. The module each graph node belongs
+to is recorded on the node (`qcompile.passes.quantize_kv.KV_ROLE`), so nothing here knows names.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from torch import Tensor, fx, nn
 from qcompile.passes.quantize_kv import KV_ROLE
 
 _PREFIX = "qcompile_kv_"
+_STORED_QUANTIZED = "_qcompile_kv_caches"  # set on an attention module while its cache stores quantized values
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
 class KVQuantization(nn.Module):
@@ -60,7 +69,7 @@ def _register_wrapper(original: str) -> str:
 
     def attention(module, query, key, value, *args, **kwargs):
         quantization = getattr(module, "qcompile_kv", None)
-        if quantization is not None:
+        if quantization is not None and not module.__dict__.get(_STORED_QUANTIZED):
             key, value = quantization(key, value)
         return _original_function(original, module)(module, query, key, value, *args, **kwargs)
 
@@ -91,8 +100,35 @@ def install_kv_quantization(tree: nn.Module, gm: fx.GraphModule) -> None:
             raise NotImplementedError(f"attention {name!r} is not a Hugging Face attention module, whose keys and "
                                       "values qcompile quantizes in the model's own code")
         module.qcompile_kv = KVQuantization(entry["format"], entry["key"], entry["value"])
+        module.register_forward_pre_hook(_quantize_on_store, with_kwargs=True)
+        module.register_forward_hook(_restore_caches, always_call=True)
     for module in tree.modules():
         config = getattr(module, "config", None)
         current = getattr(config, "_attn_implementation", None)
         if isinstance(current, str) and not current.startswith(_PREFIX):
             config._attn_implementation = _register_wrapper(current)
+
+
+def _quantize_on_store(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Wrap `update` of the cache handed to the attention module, so that what it stores is quantized."""
+    cache = next((kwargs[name] for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    if cache is None or torch.compiler.is_compiling() or not hasattr(cache, "update"):
+        return
+    # an encoder-decoder cache hands its self- and cross-attention caches to the attention
+    caches = [cache] + [getattr(cache, name) for name in ("self_attention_cache", "cross_attention_cache")
+                        if getattr(cache, name, None) is not None]
+    quantization = module.qcompile_kv
+    for target in caches:
+        original = target.update
+
+        def update(key_states, value_states, *rest, _original=original, **options):
+            key_states, value_states = quantization(key_states, value_states)
+            return _original(key_states, value_states, *rest, **options)
+
+        target.update = update
+    module.__dict__[_STORED_QUANTIZED] = caches
+
+
+def _restore_caches(module: nn.Module, args: tuple, output) -> None:
+    for target in module.__dict__.pop(_STORED_QUANTIZED, ()):
+        target.__dict__.pop("update", None)

@@ -171,6 +171,19 @@ def test_generation_with_a_quantized_cache_equals_recomputation_with_quantized_k
         # the graph (no cache) computes the same
         graph = qm(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[:, -1]
         torch.testing.assert_close(graph, recomputed, rtol=1e-5, atol=1e-5)
+    # the cache holds the quantized values: on the FP8 grid of each layer's scale
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    qm(input_ids=prompt, past_key_values=cache, use_cache=True)
+    tree = qm.as_module()
+    for layer, kv in zip(cache.layers, qm.kv_layers):
+        scales = tree.get_submodule(kv.name).qcompile_kv
+        for stored, scale in ((layer.keys, scales.key_scale), (layer.values, scales.value_scale)):
+            assert torch.equal(_fp8_round_trip_by_definition(stored, scale), stored)
+    plain_cache = DynamicCache()
+    plain(input_ids=prompt, past_key_values=plain_cache, use_cache=True)
+    assert not torch.equal(plain_cache.layers[0].keys, cache.layers[0].keys)
     without = plain.as_module()(input_ids=out.sequences, use_cache=False).logits
     with_kv = qm.as_module()(input_ids=out.sequences, use_cache=False).logits
     assert (without - with_kv).abs().max() > 1e-4  # the cache's quantization is in effect
