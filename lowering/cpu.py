@@ -732,3 +732,11 @@ __all__ = ["INT8_ACTIVATIONS", "MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax"
            "int8_linear_activation", "int8_linear_dequantized", "int8_linear_int_mm", "int8_linear_native",
            "int8_linear_shared", "kernel_call_ops", "nvfp4_linear", "nvfp4_weight", "register", "round_to_e2m1",
            "round_to_fp8_e4m3", "takes_integer_gemm", "takes_native_int8_gemm"]
+
+
+def fp8_kv_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`qcompile::kv_round_trip(x, scale, "fp8")` without the dispatcher and the reference's input checks: decode
+    steps store one token per attention, where the custom op's call overhead and the finiteness check cost more
+    than the rounding. The same operations as `numerics.fake_quantize_kv` (tested bit for bit)."""
+    q = (x.to(torch.float32) / scale).clamp_(-numerics.FP8_E4M3_MAX, numerics.FP8_E4M3_MAX)
+    return (q.to(torch.float8_e4m3fn).to(torch.float32) * scale).to(x.dtype)

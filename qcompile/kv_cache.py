@@ -42,6 +42,11 @@ class KVQuantization(nn.Module):
         return f"{self.format}, key scale {float(self.key_scale):.4g}, value scale {float(self.value_scale):.4g}"
 
     def forward(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.format == "fp8" and key.device.type == "cpu" and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            from qcompile.lowering.cpu import fp8_kv_round_trip
+
+            return fp8_kv_round_trip(key, self.key_scale), fp8_kv_round_trip(value, self.value_scale)
         op = torch.ops.qcompile.kv_round_trip.default
         return op(key, self.key_scale, self.format), op(value, self.value_scale, self.format)
 

@@ -376,3 +376,16 @@ def test_cli_kv_cache(tmp_path, capsys):
     assert main(["quantize", str(folder), str(tmp_path / "x.onnx"), "--recipe", "fp8", "--format", "onnx",
                  "--kv-cache", "fp8"]) == 2
     assert "--kv-cache has no ONNX translation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_decode_round_trip_equals_the_reference(dtype):
+    from qcompile.lowering.cpu import fp8_kv_round_trip
+
+    torch.manual_seed(3)
+    x = (torch.randn(2, 3, 7, 40) * torch.logspace(-6, 3, 40)).to(dtype)  # subnormal to saturated codes
+    x[0, 0, 0] = 0.0
+    for scale in (torch.tensor(0.01), torch.tensor(1.0), numerics.kv_cache_scale(x.float().abs().amax(), "fp8")):
+        expected = numerics.fake_quantize_kv(x, "fp8", scale)
+        assert torch.equal(fp8_kv_round_trip(x, scale), expected)
+        assert torch.equal(torch.ops.qcompile.kv_round_trip(x, scale, "fp8"), expected)
