@@ -143,10 +143,11 @@ def insert_observers(
     return observers
 
 
-def remove_observers(gm: fx.GraphModule) -> None:
-    """Undo `insert_observers`: every observer node is replaced by its input."""
+def remove_observers(gm: fx.GraphModule, prefix: str = OBSERVER_PREFIX) -> None:
+    """Undo `insert_observers` (or another pass's observers, named `prefix...`): every observer node is replaced
+    by its input."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
+        if node.op == "call_module" and str(node.target).startswith(prefix):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(node.target)

@@ -15,6 +15,7 @@ from torch import Tensor, fx, nn
 
 from qcompile import numerics
 from qcompile.passes.find_attention import AttentionSite, stored_elements_per_token
+from qcompile.passes.insert_observers import remove_observers
 
 OBSERVER_PREFIX = "_qcompile_kv_observer_"
 # Node meta of each inserted round trip: (attention module name, "key" | "value").
@@ -96,12 +97,7 @@ def insert_kv_observers(gm: fx.GraphModule, sites: list[AttentionSite]) -> dict[
 
 
 def remove_kv_observers(gm: fx.GraphModule) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
-    gm.recompile()
+    remove_observers(gm, OBSERVER_PREFIX)
 
 
 def quantize_kv(gm: fx.GraphModule, sites: list[AttentionSite], fmt: str,

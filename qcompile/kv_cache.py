@@ -22,6 +22,7 @@ import sys
 import torch
 from torch import Tensor, fx, nn
 
+from qcompile.lowering.cpu import fp8_kv_round_trip
 from qcompile.passes.quantize_kv import KV_ROLE
 
 _PREFIX = "qcompile_kv_"
@@ -44,22 +45,16 @@ class KVQuantization(nn.Module):
     def forward(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         if self.format == "fp8" and key.device.type == "cpu" and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():
-            from qcompile.lowering.cpu import fp8_kv_round_trip
-
             return fp8_kv_round_trip(key, self.key_scale), fp8_kv_round_trip(value, self.value_scale)
         op = torch.ops.qcompile.kv_round_trip.default
         return op(key, self.key_scale, self.format), op(value, self.value_scale, self.format)
 
 
-def _original_function(name: str, module: nn.Module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[name]
-    # "eager" is each model's own function, defined next to its attention module
+def _eager_function(module: nn.Module):
+    """"eager" attention is each model's own function, defined next to its attention module."""
     function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if function is None:
-        raise NotImplementedError(f"{type(module).__name__} uses attention {name!r}, which qcompile cannot wrap to "
+        raise NotImplementedError(f"{type(module).__name__} uses eager attention, which qcompile cannot wrap to "
                                   "quantize its KV cache; load the model with attn_implementation='sdpa'")
     return function
 
@@ -68,15 +63,17 @@ def _register_wrapper(original: str) -> str:
     """Register with transformers an attention function (and its mask) that quantizes keys and values, then calls
     the `original` one; returns its name."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     name = _PREFIX + original
+    function = ALL_ATTENTION_FUNCTIONS[original] if original != "eager" and original in ALL_ATTENTION_FUNCTIONS \
+        else None
 
     def attention(module, query, key, value, *args, **kwargs):
         quantization = getattr(module, "qcompile_kv", None)
         if quantization is not None and not module.__dict__.get(_STORED_QUANTIZED):
             key, value = quantization(key, value)
-        return _original_function(original, module)(module, query, key, value, *args, **kwargs)
+        return (function or _eager_function(module))(module, query, key, value, *args, **kwargs)
 
     AttentionInterface.register(name, attention)
     if original in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:

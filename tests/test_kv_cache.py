@@ -100,7 +100,7 @@ def test_kv_scales_are_calibrated_maxima_of_the_attended_keys_and_values(name):
     try:
         with torch.no_grad():
             for batch in calib:
-                tree(**batch, use_cache=False)
+                tree(**batch)
     finally:
         for config, name in zip(configs, previous):
             config._attn_implementation = name
@@ -166,7 +166,7 @@ def test_generation_with_a_quantized_cache_equals_recomputation_with_quantized_k
     assert out.sequences.shape[1] == 12
     for step, logits in enumerate(out.logits):
         sequence = out.sequences[:, : 6 + step]
-        recomputed = qm.as_module()(input_ids=sequence, use_cache=False).logits[:, -1]
+        recomputed = qm.as_module()(input_ids=sequence).logits[:, -1]  # from scratch, a fresh cache
         torch.testing.assert_close(logits, recomputed, rtol=1e-5, atol=1e-5)
         # the graph (no cache) computes the same
         graph = qm(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[:, -1]
@@ -184,8 +184,8 @@ def test_generation_with_a_quantized_cache_equals_recomputation_with_quantized_k
     plain_cache = DynamicCache()
     plain(input_ids=prompt, past_key_values=plain_cache, use_cache=True)
     assert not torch.equal(plain_cache.layers[0].keys, cache.layers[0].keys)
-    without = plain.as_module()(input_ids=out.sequences, use_cache=False).logits
-    with_kv = qm.as_module()(input_ids=out.sequences, use_cache=False).logits
+    without = plain.as_module()(input_ids=out.sequences).logits
+    with_kv = qm.as_module()(input_ids=out.sequences).logits
     assert (without - with_kv).abs().max() > 1e-4  # the cache's quantization is in effect
 
 
@@ -200,8 +200,8 @@ def test_t5_generation_with_quantized_self_and_cross_attention_caches_bf16():
                       return_dict_in_generate=True)
     tree = qm.as_module()
     for step, logits in enumerate(out.logits):
-        recomputed = tree(input_ids=batch["input_ids"][:1], decoder_input_ids=out.sequences[:, : step + 1],
-                          use_cache=False).logits[:, -1]
+        recomputed = tree(input_ids=batch["input_ids"][:1], decoder_input_ids=out.sequences[:, : step + 1])
+        recomputed = recomputed.logits[:, -1]
         assert recomputed.dtype == torch.bfloat16  # generate hands out its scores in float32
         torch.testing.assert_close(logits, recomputed.float(), rtol=2e-2, atol=2e-2)
 
