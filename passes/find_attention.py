@@ -119,19 +119,24 @@ def find_attention(gm: fx.GraphModule) -> list[AttentionSite]:
     return sites
 
 
+def example_value(node: fx.Node):
+    """The example tensor of a node: `val` in torch.export's graphs, `example_value` in dynamo's."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
 def stored_elements_per_token(site: AttentionSite, which: str) -> int | None:
     """Elements one token adds to the cache for the attention's keys (`which="key"`) or values: the attended
     tensor `[batch, heads, tokens, head_dim]` traced back through reshapes and grouped-head repeats to the tensor
     the model computed (what a cache stores)."""
     attended = site.key if which == "key" else site.value
-    shape = attended.meta.get("val", None)
+    shape = example_value(attended)
     if shape is None or shape.dim() != 4:
         return None
     tokens = shape.shape[0] * shape.shape[-2]
     origin = attended
     while _target(origin) in _VIEWS and isinstance(origin.args[0], fx.Node):
         origin = origin.args[0]
-    value = origin.meta.get("val", None)
+    value = example_value(origin)
     if value is None or not tokens or value.numel() % tokens:
         return None
     return int(value.numel() // tokens)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from qcompile import numerics
-from qcompile.passes.find_attention import AttentionSite, stored_elements_per_token
+from qcompile.passes.find_attention import AttentionSite, example_value, stored_elements_per_token
 from qcompile.passes.insert_observers import remove_observers
 
 OBSERVER_PREFIX = "_qcompile_kv_observer_"
@@ -70,7 +70,8 @@ def _route(gm: fx.GraphModule, site: AttentionSite, make) -> None:
         source = reader.args[position]
         with gm.graph.inserting_before(reader):
             node = make(which, source)
-        node.meta.update({k: v for k, v in source.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
+        node.meta.update({k: v for k, v in source.meta.items()
+                          if k in ("val", "example_value", "tensor_meta", "nn_module_stack")})
         node.meta[KV_ROLE] = (site.name, which)
         args = list(reader.args)
         args[position] = node
@@ -113,7 +114,7 @@ def quantize_kv(gm: fx.GraphModule, sites: list[AttentionSite], fmt: str,
 
         def build(which, source, index=index, site=site, scales=scales):
             # Engines keep these scales in a bf16/fp16 model's dtype: round them first, so nothing changes on load.
-            dtype = getattr(source.meta.get("val"), "dtype", None)
+            dtype = getattr(example_value(source), "dtype", None)
             scale = numerics.rounded_scale(numerics.kv_cache_scale(amax[(site.name, which)], fmt),
                                            dtype if dtype in (torch.bfloat16, torch.float16) else None)
             scales[which] = scale

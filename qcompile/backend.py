@@ -11,6 +11,9 @@ layers on the CPU are frozen (a setting of that compile alone), so that their we
 joins the layer's kernel call (`qcompile.lowering.activation_fusion`), and INT8 layers that read one tensor share one
 call (`qcompile.lowering.shared_input`).
 
+A KV cache (`kv_cache` option) is calibrated on the converted graph: the graph keeps its calibration inputs until
+conversion and runs them once more, observing each attention's keys and values (`qcompile.passes.quantize_kv`).
+
 GPTQ here is one-shot: the backend cannot feed the calibration batches again, so each layer's Hessian is summed
 from the float model's activations inside the `calibrate()` block (one Hessian per layer held until conversion),
 where `qcompile.quantize` calibrates sequentially, each layer group behind the already-quantized ones.
@@ -31,9 +34,11 @@ from qcompile import calibration, numerics
 from qcompile.lowering import onednn
 from qcompile.lowering.activation_fusion import fuse_int8_activations
 from qcompile.lowering.shared_input import merge_shared_input_int8_linears
+from qcompile.passes.find_attention import find_attention
 from qcompile.passes.find_linears import LinearSite, find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
 from qcompile.convert import convert, needs_calibration, rows_to_keep, wants_hessian
+from qcompile.passes.quantize_kv import KVReport, insert_kv_observers, quantize_kv, remove_kv_observers
 from qcompile.passes.quantize_linears import LayerReport
 from qcompile.recipes import RECIPES, Recipe, resolve_recipe
 
@@ -41,6 +46,7 @@ OPTIONS = {
     "recipe": "a preset name from qcompile.RECIPES, or a qcompile.Recipe (default 'fp8_dynamic')",
     "exclude": "glob patterns of layer names to leave in float (replaces the recipe's list)",
     "compiler": "'inductor' (default) or 'eager': what runs the quantized graph",
+    "kv_cache": "'fp8' or 'nvfp4': quantize every attention's keys and values (static scales, calibrated)",
 }
 COMPILERS = ("inductor", "eager")
 
@@ -55,6 +61,7 @@ class _CompileState:
     def __init__(self, options: dict | None):
         self.options = options  # held so that its id stays unique while this state lives
         self.observers: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.kv_amax: dict[tuple[str, str], torch.Tensor] = {}  # (attention, "key" | "value") -> max |x|
 
 
 _STATES: dict[int, _CompileState] = {}
@@ -79,11 +86,8 @@ class BackendOptions:
         if unknown:
             valid = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
             raise ValueError(f"unknown option(s) {unknown} for backend 'quant'; valid options are {valid}")
-        recipe = resolve_recipe(options.get("recipe", "fp8_dynamic"), exclude=options.get("exclude"))
-        if recipe.kv_cache is not None:
-            raise NotImplementedError("backend 'quant' does not quantize the KV cache yet: use "
-                                      "qcompile.quantize(model, recipe, calib=..., kv_cache=...), whose "
-                                      "qm.generate() runs the quantized cache")
+        recipe = resolve_recipe(options.get("recipe", "fp8_dynamic"), exclude=options.get("exclude"),
+                                kv_cache=options.get("kv_cache"))
         compiler = options.get("compiler", "inductor")
         if compiler not in COMPILERS:
             raise ValueError(f"unknown compiler {compiler!r}; valid compilers: {', '.join(COMPILERS)}")
@@ -109,27 +113,38 @@ class QuantizedGraph:
         self.parameters = parameters
         self.options = options
         self.layers: list[LayerReport] = []
+        self.kv_layers: list[KVReport] = []
         self._run = None
         self._observers = None
+        # A KV cache is calibrated on the converted graph (SmoothQuant/AWQ fold scales into value projections):
+        # the graph's calibration inputs are kept until conversion, then run once more through it.
+        self.attentions = find_attention(gm) if options.recipe.kv_cache is not None else []
+        self._calibration_inputs: list[tuple] = []
         # Dynamo's tracing context (fake mode, symbolic shapes) for this graph: a static recipe compiles after
         # calibration, outside the backend call, and without it inductor would specialize a dynamic graph to the
         # concrete shapes of example_inputs.
         self._tracing_context = torch._guards.TracingContext.try_get()
-        if needs_calibration(options.recipe) and not self._has_statistics():
-            self._observers = insert_observers(
-                gm, sites, keep_rows=rows_to_keep(options.recipe), hessian=wants_hessian(options.recipe)
-            )
+        if (needs_calibration(options.recipe) or self.attentions) and not self._has_statistics():
+            if needs_calibration(options.recipe):
+                self._observers = insert_observers(
+                    gm, sites, keep_rows=rows_to_keep(options.recipe), hessian=wants_hessian(options.recipe)
+                )
         else:
             self._convert()
 
     def _has_statistics(self) -> bool:
-        return all(site.source in self.state.observers for site in self.sites)
+        layers = not needs_calibration(self.options.recipe) or all(
+            site.source in self.state.observers for site in self.sites)
+        return layers and all((site.name, which) in self.state.kv_amax
+                              for site in self.attentions for which in ("key", "value"))
 
     def _convert(self) -> None:
         observers = None
         if needs_calibration(self.options.recipe):
             observers = {site.name: self.state.observers[site.source] for site in self.sites}
         self.layers = convert(self.gm, self.sites, self.options.recipe, observers, self.parameters)
+        if self.attentions:
+            self._quantize_kv_cache()
         # qcompile's own INT8 kernel: activations into its calls, layers reading one tensor into one call (only where
         # oneDNN's route, below, does not take the layers)
         fuse_int8_activations(self.gm)
@@ -150,11 +165,28 @@ class QuantizedGraph:
             compiled = self.gm.forward
         self._run = torch.no_grad()(compiled)  # quantized graphs are for inference: no autograd formulas
 
+    def _quantize_kv_cache(self) -> None:
+        missing = [site for site in self.attentions
+                   if any((site.name, which) not in self.state.kv_amax for which in ("key", "value"))]
+        if missing:
+            observers = insert_kv_observers(self.gm, missing)
+            with torch.no_grad():
+                for inputs in self._calibration_inputs:
+                    self.gm(*inputs)
+            remove_kv_observers(self.gm)
+            for key, observer in observers.items():
+                if observer.amax is None:
+                    raise ValueError(f"attention {key[0]!r} saw no calibration data inside qcompile.calibrate()")
+                previous = self.state.kv_amax.get(key)
+                self.state.kv_amax[key] = observer.amax if previous is None else torch.maximum(previous, observer.amax)
+        self._calibration_inputs = []
+        self.kv_layers = quantize_kv(self.gm, self.attentions, self.options.recipe.kv_cache, self.state.kv_amax)
+
     def finish_calibration(self) -> None:
         """Called by `qcompile.calibrate` on exit: keep the statistics, drop the observers, convert."""
         if self._run is not None:
             return
-        for site in self.sites:
+        for site in self.sites if self._observers is not None else ():
             observer = self._observers[site.name]
             if observer.amax is None:
                 raise ValueError(f"layer {site.name!r} saw no calibration data inside qcompile.calibrate()")
@@ -163,7 +195,8 @@ class QuantizedGraph:
         self._drop_observers_and_convert()
 
     def _drop_observers_and_convert(self) -> None:
-        remove_observers(self.gm)
+        if self._observers is not None:
+            remove_observers(self.gm)
         self._observers = None
         self._convert()
 
@@ -177,11 +210,15 @@ class QuantizedGraph:
                 return self._run(*args)
             recipe = self.options.recipe
             why = "has static activation scales" if recipe.static_inputs else f"runs {recipe.algorithm} on calibration data"
+            if not needs_calibration(recipe):
+                why = f"quantizes the KV cache ({recipe.kv_cache}) with static scales"
             raise RuntimeError(
                 f"recipe {recipe.name!r} {why} and this model was never calibrated: run calibration batches inside "
                 "`with qcompile.calibrate(compiled): ...` first"
             )
         session.observe(self)
+        if self.attentions:
+            self._calibration_inputs.append(tuple(args))
         with torch.no_grad():
             return self.gm(*args)
 

@@ -389,3 +389,34 @@ def test_cpu_decode_round_trip_equals_the_reference(dtype):
         expected = numerics.fake_quantize_kv(x, "fp8", scale)
         assert torch.equal(fp8_kv_round_trip(x, scale), expected)
         assert torch.equal(torch.ops.qcompile.kv_round_trip(x, scale, "fp8"), expected)
+
+
+@pytest.mark.parametrize("recipe", ["fp8_dynamic", "int8_sq"])
+def test_backend_kv_cache_equals_quantize(recipe):
+    """backend='quant' calibrates the keys and values on the converted graph (int8_sq folds scales into v_proj)
+    and computes what qcompile.quantize computes, in the calibrated call and in cached decode steps."""
+    from transformers import DynamicCache
+
+    model = hf_zoo.llama()
+    calib = hf_zoo.batches("llama", count=3)
+    qm = qcompile.quantize(model, recipe, calib=calib, kv_cache="fp8", progress=False)
+    plain = qcompile.quantize(model, recipe, calib=calib, progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="quant", options={"recipe": recipe, "kv_cache": "fp8", "compiler": "eager"})
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        compiled(**calib[0])
+    with qcompile.calibrate(compiled):
+        for batch in calib:
+            compiled(**batch)
+    with torch.no_grad():
+        out = compiled(**calib[0]).logits
+        assert torch.equal(out, qm(**calib[0]).logits)
+        assert not torch.equal(out, plain(**calib[0]).logits)
+        prompt = calib[1]["input_ids"][:1, :5]
+        caches = DynamicCache(), DynamicCache()
+        steps = [compiled(input_ids=prompt, past_key_values=caches[0]), qm(input_ids=prompt, past_key_values=caches[1])]
+        for _ in range(3):  # decode steps: graphs compiled anew for one token reuse the calibrated scales
+            token = steps[1].logits[:, -1:].argmax(-1)
+            steps = [compiled(input_ids=token, past_key_values=caches[0]),
+                     qm(input_ids=token, past_key_values=caches[1])]
+            torch.testing.assert_close(steps[0].logits, steps[1].logits, rtol=1e-5, atol=1e-5)
