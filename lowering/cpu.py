@@ -726,7 +726,18 @@ def _register_inductor_decomposition() -> None:
         lowering.make_fallback(getattr(torch.ops.qcompile, f"cpu_{name}").default)
 
 
-__all__ = ["INT8_ACTIVATIONS", "MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "decompose_fp8_linear",
+
+def fp8_kv_round_trip(x: Tensor, scale: Tensor) -> Tensor:
+    """`qcompile::kv_round_trip(x, scale, "fp8")` in plain operations, without the reference's input checks: what
+    eager decode steps call outside the dispatcher (whose call overhead and finiteness check cost more than the
+    rounding of one token), and what inductor traces into its kernels (the cast as `round_to_fp8_e4m3`, which it
+    vectorizes). The same numbers as `numerics.fake_quantize_kv` (tested bit for bit)."""
+    q = (x.to(torch.float32) / scale).clamp(-numerics.FP8_E4M3_MAX, numerics.FP8_E4M3_MAX)
+    rounded = round_to_fp8_e4m3(q) if torch.compiler.is_compiling() else q.to(torch.float8_e4m3fn).to(torch.float32)
+    return (rounded * scale).to(x.dtype)
+
+
+__all__ = ["INT8_ACTIVATIONS", "MAX_EXACT_K", "SMALL_BATCH", "check_finite_amax", "fp8_kv_round_trip", "decompose_fp8_linear",
            "decompose_int8_linear", "fake_quantize_fp8_input", "fake_quantize_input", "fake_quantize_nvfp4_input",
            "fp8_e4m3_to_float32", "has_fast_int8_gemm", "int4_linear", "int4_weight", "int8_codes", "int8_linear",
            "int8_linear_activation", "int8_linear_dequantized", "int8_linear_int_mm", "int8_linear_native",
