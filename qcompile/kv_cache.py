@@ -45,8 +45,9 @@ class KVQuantization(nn.Module):
     def forward(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         # plain operations where the op's dispatch costs more than the rounding (eager CPU decode) and where
         # inductor should fuse the rounding into its kernels (compiled decode)
-        if self.format == "fp8" and (torch.compiler.is_compiling()
-                                     or key.device.type == "cpu" and not torch.is_grad_enabled()):
+        # (torch.export keeps the op: saved programs, exports and `_quantization_tensors` find it)
+        if self.format == "fp8" and (torch.compiler.is_dynamo_compiling() or not torch.compiler.is_compiling()
+                                     and key.device.type == "cpu" and not torch.is_grad_enabled()):
             return fp8_kv_round_trip(key, self.key_scale), fp8_kv_round_trip(value, self.value_scale)
         op = torch.ops.qcompile.kv_round_trip.default
         return op(key, self.key_scale, self.format), op(value, self.value_scale, self.format)

@@ -356,6 +356,7 @@ def test_a_change_of_dtype_keeps_the_float32_scales_exactly():
     assert sorted(float(t) for t in kv_scales) == sorted(
         s for kv in qm.kv_layers for s in (kv.key_scale, kv.value_scale))
     assert torch.equal(float32_values(), before)
+    assert sum(node.target is torch.ops.qcompile.kv_round_trip.default for node in qm.graph_module.graph.nodes) == 4
     assert qm(**calib[0]).logits.dtype == torch.bfloat16
 
 
