@@ -218,7 +218,7 @@ def modelopt_weight(tensors: dict, prefix: str, algo: str, shape) -> torch.Tenso
         nibbles = torch.stack([weight & 0xF, weight >> 4], dim=1).reshape(rows, cols).to(torch.int32)
         codes = torch.where(nibbles >= 8, nibbles - 16, nibbles).float()
         return codes * scale.repeat_interleave(cols // scale.shape[1], dim=1)
-    if algo == "NVFP4":
+    if algo in ("NVFP4", "W4A16_NVFP4"):
         values = E2M1[torch.stack([weight & 0xF, weight >> 4], dim=-1).reshape(rows, cols).long()]
         block = scale.float() * tensors[f"{prefix}.weight_scale_2"]
         return (values.reshape(rows, cols // 16, 16) * block[..., None]).reshape(rows, cols)
@@ -226,7 +226,8 @@ def modelopt_weight(tensors: dict, prefix: str, algo: str, shape) -> torch.Tenso
 
 
 MODELOPT = {"fp8": "FP8", "fp8_dynamic": "FP8_PER_CHANNEL_PER_TOKEN", "fp8_block": "FP8_PB_WO",
-            "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_AWQ", "nvfp4": "NVFP4"}
+            "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_AWQ", "nvfp4": "NVFP4",
+            "nvfp4_weight_only": "W4A16_NVFP4"}
 
 
 @pytest.mark.parametrize("recipe", list(MODELOPT))
@@ -263,10 +264,17 @@ def test_modelopt_checkpoint_decodes_to_qcompile_weights(recipe, tmp_path):
             torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
     # the o_proj scales of AWQ/SmoothQuant have no fold point under grouped-query attention: pre_quant_scale
     assert (multipliers > 0) == (recipe in ("int4_awq", "int8_sq"))
+    # static input scales exactly where the format quantizes activations with one
+    assert any(key.endswith(".input_scale") for key in tensors) == (MODELOPT[recipe] in ("FP8", "NVFP4", "W8A8_SQ_PER_CHANNEL"))
+    if MODELOPT[recipe] == "W4A16_NVFP4":  # the weight-only description engines read: no activation scheme
+        assert "input_activations" not in config["config_groups"]["group_0"]
+        assert config["config_groups"]["group_0"]["weights"]["group_size"] == 16
 
 
-def test_modelopt_refuses_recipes_it_has_no_name_for(tmp_path):
-    _, qm = quantized("int8_dynamic")
-    with pytest.raises(ExportError, match="int8_dynamic.*compressed-tensors"):
+@pytest.mark.parametrize("recipe, reason", [("int8_dynamic", "int8_dynamic.*compressed-tensors"),
+                                            ("w4a8_awq", "w4a8_awq.*W4A8_AWQ.*through FP8")])
+def test_modelopt_refuses_recipes_it_has_no_name_for(recipe, reason, tmp_path):
+    _, qm = quantized(recipe)
+    with pytest.raises(ExportError, match=reason):
         qcompile.export_hf(qm, tmp_path / "out", format="modelopt")
     assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ read them (scales are float32 unless said otherwise; a 0-d tensor is one number)
 | int8_sq | W8A8_SQ_PER_CHANNEL | `weight` int8, `weight_scale [N]`, `input_scale` 0-d |
 | int4_awq, int4_gptq | W4A16_AWQ | `weight` uint8 `[N/2, K]`, `weight_scale [N, K/group]` |
 | nvfp4 | NVFP4 | `weight` uint8 `[N, K/2]`, `weight_scale` FP8 `[N, K/16]`, `weight_scale_2` 0-d, `input_scale` 0-d |
+| nvfp4_weight_only | W4A16_NVFP4 | as NVFP4, without `input_scale` |
 
 - W4A16_AWQ packs two signed 4-bit codes per byte along the output dimension: byte `[i, k]` holds row `2i` in its
   low nibble and row `2i + 1` in its high nibble.
@@ -64,9 +65,12 @@ def quant_algo(recipe: Recipe) -> str:
         name = "W4A16_AWQ"
     elif w.format == "nvfp4" and x is not None and x.format == "nvfp4" and not x.dynamic:
         name = "NVFP4"
+    elif w.format == "nvfp4" and x is None:
+        name = "W4A16_NVFP4"
     if name is None:
         raise _error(f"recipe {recipe.name!r} has no Model Optimizer quant_algo that qcompile writes "
-                     "(int8_dynamic and nvfp4_weight_only: use format='compressed-tensors'; w4a8_awq: not yet)")
+                     "(int8_dynamic: use format='compressed-tensors'; w4a8_awq: Model Optimizer's W4A8_AWQ also "
+                     "rounds the INT4 weight through FP8, which qcompile's w4a8_awq does not compute)")
     return name
 
 
@@ -96,7 +100,7 @@ def _description(recipe: Recipe, ignore: list[str]) -> dict:
     details = {"quant_algo": algo, "kv_cache_quant_algo": _KV_CACHE_ALGO[recipe.kv_cache]}
     if algo == "W4A16_AWQ":
         details.update(group_size=int(recipe.weights.block_size), has_zero_point=False, pre_quant_scale=True)
-    elif algo == "NVFP4":
+    elif algo in ("NVFP4", "W4A16_NVFP4"):
         details.update(group_size=16)
     details["exclude_modules"] = ignore
     return details
@@ -124,13 +128,15 @@ def quantization_config(recipe: Recipe, tree: nn.Module, quantized: dict) -> dic
     for key in ("group_size", "has_zero_point", "pre_quant_scale"):
         if key in details:
             config[key] = details[key]
-    if details["quant_algo"] in ("FP8", "NVFP4"):
+    if details["quant_algo"] in ("FP8", "NVFP4", "W4A16_NVFP4"):
         bits = 8 if details["quant_algo"] == "FP8" else 4
         args = {"dynamic": False, "num_bits": bits, "type": "float"}
         if bits == 4:
             args["group_size"] = 16
-        config["config_groups"] = {"group_0": {"input_activations": dict(args), "weights": dict(args),
-                                               "targets": ["Linear"]}}
+        group = {"weights": dict(args), "targets": ["Linear"]}
+        if details["quant_algo"] != "W4A16_NVFP4":  # weight-only: no activation quantization
+            group["input_activations"] = dict(args)
+        config["config_groups"] = {"group_0": group}
     return config
 
 
