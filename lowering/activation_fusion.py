@@ -7,8 +7,8 @@
 applies the activation to each output tile while it is still in registers (`int8_gemm.c`). Apart, the activation is
 a pass of its own over the layer's output: MiniLM's [1024, 1536] GELU output is 6 MB, read and written once more per
 layer (~5% of a forward on a 2-core AVX2 CPU; the net gain, the GELU's arithmetic now being in the kernel, measured
-~1.3%). The layer's SPEC §4 numerics are unchanged; the kernel's GELU and SiLU are within a few float32 ulps of the
-exact functions.
+~1.3%). The layer's numerics (docs/formats.md#int8) are unchanged; the kernel's GELU and SiLU are within a few
+float32 ulps of the exact functions.
 
 A layer is fused only where the kernel will run it (x86 with AVX2 and no INT8 dot product, float32 activations; see
 `qcompile.lowering.cpu.takes_native_int8_gemm`), so that elsewhere the graph keeps the op that inductor lowers to

@@ -6,7 +6,7 @@
 Inductor, when it freezes a graph (`torch._inductor.config.freezing`, inference), rewrites PyTorch 2 quantization's
 `dequantize_per_tensor(uint8 x) → linear(x, dequantize_per_channel(constant int8 weight))` into oneDNN's
 `qlinear_pointwise` on a weight prepacked once, and fuses what follows (bias, GELU, ...) into that call. This pass
-writes each `qcompile::int8_linear` with INT8 inputs in that form, keeping SPEC §4's numerics:
+writes each `qcompile::int8_linear` with INT8 inputs in that form, keeping the INT8 numerics of docs/formats.md#int8:
 
 - the codes are the reference's (x / scale, round half to even, clamp to ±127), shifted by +128 into uint8 with
   zero point 128: oneDNN's VNNI kernels take u8 × s8, and the shift gives the same integers, so the product is the

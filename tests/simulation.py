@@ -75,8 +75,8 @@ SEMANTICS = {
     "int4_gptq": Semantics(_w_int4_g128),
 }
 # The formats of the presets whose algorithm changes weights or scales (SmoothQuant, AWQ, GPTQ), with plain max
-# calibration instead (SPEC section 2 derives "INT8 without SmoothQuant" this way): the simulation covers these
-# exactly whatever the algorithms do.
+# calibration instead (docs/formats.md#recipes derives "INT8 without SmoothQuant" this way): the simulation covers
+# these exactly whatever the algorithms do.
 MAX_VARIANTS = {"int8_sq_max": "int8_sq", "w4a8_max": "w4a8_awq", "int4_max": "int4_awq"}
 for _variant, _preset in MAX_VARIANTS.items():
     SEMANTICS[_variant] = SEMANTICS[_preset]

@@ -199,7 +199,7 @@ def test_unknown_compiler_option():
 
 
 def test_recipe_objects_and_replace():
-    """A Recipe is accepted wherever a name is; dataclasses.replace derives variants (SPEC section 2)."""
+    """A Recipe is accepted wherever a name is; dataclasses.replace derives variants (docs/formats.md#recipes)."""
     import dataclasses
 
     recipe = dataclasses.replace(qc.RECIPES["int8_sq"], algorithm="max")

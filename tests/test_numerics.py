@@ -1,7 +1,7 @@
 """Tests for qcompile.numerics against independent references.
 
-Expected values come from hand-written tables or from float64/numpy re-derivations of SPEC section 4 written
-here, never from the code under test. Where the spec computes in float32, the numpy references round the
+Expected values come from hand-written tables or from float64/numpy re-derivations of docs/formats.md written
+here, never from the code under test. Where a format computes in float32, the numpy references round the
 float64 result of that one operation to float32 (`_f32`), which is exactly what an IEEE float32 operation does.
 """
 

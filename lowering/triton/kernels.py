@@ -19,7 +19,7 @@ a few on a GPU, and use one fixed configuration under `TRITON_INTERPRET=1`):
   their FP8 block scale are exact in fp16/bf16, and the global scale is applied in the epilogue. The result thus
   differs from the dequantize-then-matmul reference only by float32 accumulation order.
 
-Numerics follow SPEC section 4 exactly: divisions use IEEE round-to-nearest (`div_rn`), rounding is half to even,
+Numerics follow docs/formats.md exactly: divisions use IEEE round-to-nearest (`div_rn`), rounding is half to even,
 FP8 rounding is done on the E4M3 grid in float32 before the (then exact) cast, so the interpreter and the GPU
 give the same bits. A row holding NaN or +-inf gets a NaN scale, so its output row is NaN (the reference raises;
 see `qcompile.lowering.triton.dispatch` for the optional check that does the same).
