@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from qcompile.lowering import cpu
+from qcompile.lowering import cpu, ensure_registered
 
+ensure_registered()  # defines the qcompile::cpu_ ops these graph rewrites place
 INT8_LINEARS = (torch.ops.qcompile.int8_linear.default, torch.ops.qcompile.cpu_int8_linear.default)
 # the call targets a graph shows for each activation: dynamo's (torch functions) and export's (aten ops)
 _ACTIVATION_TARGETS = {

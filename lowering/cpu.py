@@ -5,7 +5,7 @@
 
 What runs where, and why (numbers from `benchmarks/cpu.py` on a 2-core AVX-512 VNNI machine):
 
-- int8_linear with INT8 inputs (`int8_dynamic`, `int8_sq`): the activation is quantized exactly as SPEC §4 says
+- int8_linear with INT8 inputs (`int8_dynamic`, `int8_sq`): the activation is quantized exactly as docs/formats.md#int8 says
   (amax/127 per token or the calibrated per-tensor scale, round half to even, clamp to ±127) and multiplied by the
   stored INT8 weight with `torch._int_mm` (oneDNN s8×s8→s32, VNNI), then scaled once per output element. The
   integer product is exact, so the result is the reference's up to float32 rounding of the final scaling: about 9×
@@ -640,9 +640,10 @@ def _cpu_kernels() -> dict:
 
 
 def kernel_call_ops() -> dict:
-    """{public op: its autograd-free twin} for the ops with CPU kernels here (empty before `register()`)."""
-    if not _registered:
-        return {}
+    """{public op: its autograd-free twin} for the ops with CPU kernels here."""
+    from qcompile.lowering import ensure_registered
+
+    ensure_registered()
     return {getattr(torch.ops.qcompile, name).default: getattr(torch.ops.qcompile, f"cpu_{name}").default
             for name in _cpu_kernels()}
 

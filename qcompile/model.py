@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
-from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
 from torch.utils import _pytree as pytree
 
 from qcompile.atomic import swap_into_place
@@ -46,6 +45,8 @@ class QuantizedModel(nn.Module):
         kv_layers: list[KVReport] = (),
     ):
         super().__init__()
+        # marked here, not where it is defined: the mark imports dynamo, which `import qcompile` does not need
+        torch.compiler.assume_constant_result(_inductor_freezes)
         self.graph_module = graph_module
         self.recipe = recipe
         self.layers = list(layers)
@@ -317,6 +318,8 @@ class QuantizedModel(nn.Module):
     def save(self, directory: str | os.PathLike) -> None:
         """Write the program (JSON), tensors (safetensors) and metadata to `directory`, atomically."""
         args, kwargs = self._example
+        from torch._export.serde.serialize import serialize  # loads dynamo: only when saving
+
         program = export_program(self.graph_module, args, kwargs)
         artifact = serialize(program)
         tensors = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
@@ -380,6 +383,8 @@ class QuantizedModel(nn.Module):
         state_dict, constants = _split_state(program_json, tensors)
         examples = load_file(directory / _EXAMPLE_FILE)
         args, kwargs = _example_from_json(meta["example"], examples)
+        from torch._export.serde.serialize import SerializedArtifact, deserialize
+
         artifact = SerializedArtifact(program_json, state_dict, constants, (args, kwargs))
         program = deserialize(artifact)
         return cls(
@@ -393,10 +398,9 @@ class QuantizedModel(nn.Module):
         )
 
 
-@torch.compiler.assume_constant_result
 def _inductor_freezes() -> bool:
     """Inductor's own test for freezing a graph, read when dynamo traces (as dynamo reads it to decide whether
-    module tensors become graph constants)."""
+    module tensors become graph constants); a constant to dynamo (`QuantizedModel.__init__` marks it)."""
     from torch._inductor import config
 
     return bool(config.freezing) and not torch.is_grad_enabled()

@@ -9,8 +9,11 @@ an optional bias, and a description of how the activation is quantized before th
   computed on every call.
 
 Each op has a fake (meta) implementation, so quantized graphs export, compile with inductor and translate to ONNX.
-The default implementation is the plain-PyTorch reference in `qcompile.lowering.torch_reference`; device backends
-(Triton) register their own kernels on top with `op.register_kernel(device)`.
+The default implementation is the plain-PyTorch reference in `qcompile.lowering.torch_reference`. This module holds
+the schemas, fakes and autograd formulas only: the device lowerings (CPU kernels and their inductor decompositions,
+Triton kernels for CUDA) register themselves through `qcompile.lowering.ensure_registered()`, which the first call of
+any op, or of its fake (every trace, export and compilation runs those), makes. Importing qcompile therefore does not
+import inductor.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qcompile.lowering import ensure_registered
 from qcompile.lowering import torch_reference as ref
 
 
@@ -38,11 +42,15 @@ def int8_linear(
     input_granularity: str,
 ) -> Tensor:
     """INT8 weight `[N, K]` with per-tensor or per-channel float32 scale."""
+    if ensure_registered():  # the device's kernel is registered now: dispatch again
+        return torch.ops.qcompile.int8_linear.default(x, weight, weight_scale, bias, input_scale, input_format,
+                                                      input_granularity)
     return ref.int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
 
 
 @int8_linear.register_fake
 def _(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
+    ensure_registered()
     return _output_like(x, weight.shape[0])
 
 
@@ -58,11 +66,15 @@ def fp8_linear(
     input_granularity: str,
 ) -> Tensor:
     """FP8 E4M3 weight `[N, K]`; scale per tensor, per channel, or per `block_size`² block (block_size > 0)."""
+    if ensure_registered():  # the device's kernel is registered now: dispatch again
+        return torch.ops.qcompile.fp8_linear.default(x, weight, weight_scale, block_size, bias, input_scale,
+                                                     input_format, input_granularity)
     return ref.fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity)
 
 
 @fp8_linear.register_fake
 def _(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity):
+    ensure_registered()
     return _output_like(x, weight.shape[0])
 
 
@@ -81,6 +93,9 @@ def int4_linear(
     input_granularity: str,
 ) -> Tensor:
     """INT4/INT3 weight in groups along K, two codes per byte; `zero_point` is None when symmetric."""
+    if ensure_registered():  # the device's kernel is registered now: dispatch again
+        return torch.ops.qcompile.int4_linear.default(x, packed, scale, zero_point, group_size, bits, in_features,
+                                                      bias, input_scale, input_format, input_granularity)
     return ref.int4_linear(
         x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
     )
@@ -88,6 +103,7 @@ def int4_linear(
 
 @int4_linear.register_fake
 def _(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity):
+    ensure_registered()
     return _output_like(x, packed.shape[0])
 
 
@@ -104,6 +120,9 @@ def nvfp4_linear(
     input_granularity: str,
 ) -> Tensor:
     """NVFP4 weight: E2M1 codes two per byte, FP8 E4M3 scale per 16 elements, float32 global scale."""
+    if ensure_registered():  # the device's kernel is registered now: dispatch again
+        return torch.ops.qcompile.nvfp4_linear.default(x, packed, block_scale, global_scale, in_features, bias,
+                                                       input_scale, input_format, input_granularity)
     return ref.nvfp4_linear(
         x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity
     )
@@ -111,6 +130,7 @@ def nvfp4_linear(
 
 @nvfp4_linear.register_fake
 def _(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity):
+    ensure_registered()
     return _output_like(x, packed.shape[0])
 
 
@@ -119,11 +139,14 @@ def _(x, packed, block_scale, global_scale, in_features, bias, input_scale, inpu
 def kv_round_trip(x: Tensor, scale: Tensor, format: str) -> Tensor:
     """Keys or values `[..., head_dim]` as a quantized KV cache stores them, back in x's dtype: `format` "fp8"
     (static per-tensor scale) or "nvfp4" (blocks of 16 along the last axis under the static global `scale`)."""
+    if ensure_registered():  # the device's kernel is registered now: dispatch again
+        return torch.ops.qcompile.kv_round_trip.default(x, scale, format)
     return ref.kv_round_trip(x, scale, format)
 
 
 @kv_round_trip.register_fake
 def _(x, scale, format):
+    ensure_registered()
     return torch.empty_like(x)
 
 
@@ -169,21 +192,3 @@ QUANTIZED_LINEAR_OPS = (
     torch.ops.qcompile.int4_linear.default,
     torch.ops.qcompile.nvfp4_linear.default,
 )
-
-
-# CUDA tensors run the Triton kernels (qcompile.lowering.triton) when Triton is installed; the kernels module is
-# imported on the first CUDA call. Every other device keeps the reference above.
-from qcompile.lowering import triton as _triton_lowering  # noqa: E402
-
-_triton_lowering.register()
-
-# CPU tensors run the integer kernels of qcompile.lowering.cpu where they keep the reference's numerics.
-from qcompile.lowering import cpu as _cpu_lowering  # noqa: E402
-
-_cpu_lowering.register()
-
-# What a graph of these ops compiles to is decided by qcompile's code, which torch.compile's on-disk caches do not
-# see: qcompile's fingerprint goes into their keys (see qcompile.lowering.compile_cache).
-from qcompile.lowering import compile_cache as _compile_cache  # noqa: E402
-
-_compile_cache.tag()

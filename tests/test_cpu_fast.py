@@ -44,6 +44,9 @@ def integer_gemm_on_any_cpu(monkeypatch):
 @pytest.fixture
 def int_mm_calls(monkeypatch) -> list:
     """Counts the calls of torch._int_mm (the integer GEMM) made from here on."""
+    from qcompile.lowering import ensure_registered
+
+    ensure_registered()  # inductor, which it imports, must record the real torch._int_mm, not the spy
     calls = []
     real = torch._int_mm
 

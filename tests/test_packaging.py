@@ -98,9 +98,22 @@ def test_wheel_layout(tmp_path):
     assert "qcompile/passes/find_linears.py" in names
     assert "qcompile/lowering/torch_reference.py" in names
     assert any(n.startswith("qcompile/passes/") for n in names) and any(n.startswith("qcompile/lowering/") for n in names)
+    for folder, package in (("qcompile", "qcompile"), ("passes", "qcompile/passes"), ("lowering", "qcompile/lowering")):
+        for path in (REPO / folder).rglob("*.py"):  # every source file of every subpackage ships
+            assert f"{package}/{path.relative_to(REPO / folder).as_posix()}" in names, path
     top_level = {n.split("/", 1)[0] for n in names}
     assert "passes" not in top_level and "lowering" not in top_level, sorted(top_level)
     assert not any(n.startswith("tests/") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheels[0]).read(entry_points).decode()
     assert "[torch_dynamo_backends]" in text and "quant = qcompile.backend:quant_backend" in text
+
+
+def test_import_loads_neither_dynamo_nor_inductor():
+    """`import qcompile` stays cheap: the lowerings (which pull in inductor) register on the first op call."""
+    script = ("import sys, qcompile\n"
+              "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'torch._inductor.lowering', 'transformers',"
+              " 'onnx', 'triton') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

@@ -73,8 +73,4 @@ def register() -> bool:
     return True
 
 
-def is_registered() -> bool:
-    return _registered
-
-
-__all__ = ["NVFP4_ACTIVATIONS", "OPS", "available", "is_registered", "register"]
+__all__ = ["NVFP4_ACTIVATIONS", "OPS", "available", "register"]
