@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
+from qcompile import formats
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver
 from qcompile.passes.quantize_linears import grouped_padded
@@ -50,8 +51,9 @@ _CLIP_CHUNK_ELEMENTS = 1 << 24
 
 def quantization_group_size(spec: QuantSpec, in_features: int) -> int | None:
     """How many consecutive input channels share one weight scale (None: one scale spans rows, e.g. per-tensor)."""
-    if spec.format == "nvfp4":
-        return int(spec.block_size or 16)
+    fixed = formats.FORMATS[spec.format].fixed_block
+    if fixed is not None:
+        return fixed
     if spec.granularity == "group":
         return int(spec.block_size if isinstance(spec.block_size, int) else spec.block_size[-1])
     if spec.granularity == "channel":

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
+from qcompile import numerics
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.smoothquant import shared_input_groups
 from qcompile.recipes import QuantSpec
@@ -58,7 +59,7 @@ def unsupported(spec: QuantSpec) -> str | None:
 def _grid(spec: QuantSpec, in_features: int) -> tuple[int, float]:
     """(group size along the input axis, qmax) of the spec's integer grid."""
     if spec.format == "int8":
-        return in_features, 127.0
+        return in_features, numerics.INT8_MAX
     group = spec.block_size if isinstance(spec.block_size, int) else spec.block_size[-1]
     return int(group), float(2 ** (spec.bits - 1) - 1)
 

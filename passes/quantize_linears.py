@@ -8,15 +8,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, fx
 
-from qcompile import numerics
+from qcompile import formats, numerics
 from qcompile.passes.find_linears import LinearSite, refresh_input, shared_input_groups
 from qcompile.recipes import QuantSpec, Recipe
 
 # Node metadata: the name of the layer (module path) a quantized op node replaced.
 LAYER_NAME = "qcompile_layer"
-
-# Largest representable magnitude per activation format, for static scales: scale = amax / QMAX.
-_INPUT_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "nvfp4": 6.0 * 448.0}
 
 
 @dataclass
@@ -66,14 +63,14 @@ def describe(spec: QuantSpec | None) -> str:
 def static_input_scale(fmt: str, amax: Tensor) -> Tensor:
     """Static activation scale from a calibrated amax (for nvfp4: the global scale); 1.0 where amax is 0."""
     amax = amax.detach().float().reshape(())
-    scale = numerics.exact_div(amax, _INPUT_QMAX[fmt])
+    scale = numerics.exact_div(amax, formats.FORMATS[fmt].static_divisor)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def shares_weight_scale(spec: QuantSpec) -> bool:
     """Formats with one scale for the whole weight (FP8/INT8 per tensor, NVFP4's global scale): engines that run
     layers reading one input as one GEMM (q/k/v, gate/up) keep one such scale for the group."""
-    return spec.format == "nvfp4" or (spec.format in ("fp8_e4m3", "int8") and spec.granularity == "tensor")
+    return formats.FORMATS[spec.format].shared_tensor_scale(spec.granularity)
 
 
 def group_weight_amax(sites: list[LinearSite], spec: QuantSpec) -> dict[str, Tensor]:
@@ -93,45 +90,11 @@ def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype |
     `model_dtype`: the dtype the layer's weight had in the model (default: `weight`'s; algorithms hand float32).
     `group_amax`: for per-tensor scales, the amax they are computed from (the layer's fused group's)."""
     model_dtype = weight.dtype if model_dtype is None else model_dtype
-    if spec.format == "int8":
-        if spec.granularity not in ("tensor", "channel"):
-            raise NotImplementedError(f"int8 weights support tensor or channel granularity, not {spec.granularity!r}")
-        scale = None if group_amax is None else numerics.nonzero_scale(numerics.exact_div(group_amax, numerics.INT8_MAX))
-        t = numerics.quantize_int8(weight, spec.granularity, scale=scale)
-        return {"weight": t.q, "weight_scale": t.scale}, {}, numerics.dequantize_int8(t)
-    if spec.format == "fp8_e4m3":
-        if spec.granularity not in ("tensor", "channel", "block"):
-            raise NotImplementedError(f"fp8 weights support tensor, channel or block granularity, not {spec.granularity!r}")
-        block = 0
-        if spec.granularity == "block":
-            size = spec.block_size
-            rows, cols = size if isinstance(size, tuple) else (size, size)
-            if rows != cols:
-                raise NotImplementedError("fp8 weight blocks must be square")
-            block = rows
-        scale = None if group_amax is None or spec.granularity != "tensor" else \
-            numerics.nonzero_scale(numerics.exact_div(group_amax, numerics.FP8_E4M3_MAX))
-        t = numerics.quantize_fp8(weight, spec.granularity, block_size=block or 128, scale=scale)
-        return {"weight": t.q, "weight_scale": t.scale}, {"block_size": block}, numerics.dequantize_fp8(t)
-    if spec.format in ("int4", "int3"):
-        if spec.granularity != "group":
-            raise NotImplementedError(f"{spec.format} weights are quantized in groups, not per {spec.granularity!r}")
-        # a bf16/fp16 model's engines keep group scales in its dtype: codes are computed from the rounded scales
-        scale_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
-        t = numerics.quantize_int4(weight, spec.block_size, symmetric=spec.symmetric, bits=spec.bits,
-                                   scale_dtype=scale_dtype)
-        tensors = {"packed": t.packed, "scale": t.scale}
-        if t.zero_point is not None:
-            tensors["zero_point"] = t.zero_point
-        args = {"group_size": t.group_size, "bits": t.bits, "in_features": t.in_features}
-        return tensors, args, numerics.dequantize_int4(t)
-    if spec.format == "nvfp4":
-        global_scale = None if group_amax is None else \
-            numerics.nonzero_scale(numerics.exact_div(group_amax, numerics.E2M1_MAX * numerics.FP8_E4M3_MAX))
-        t = numerics.quantize_nvfp4(weight, global_scale=global_scale)
-        tensors = {"packed": t.packed, "block_scale": t.block_scale, "global_scale": t.global_scale}
-        return tensors, {"in_features": t.in_features}, numerics.dequantize_nvfp4(t)
-    raise NotImplementedError(f"no weight quantization for format {spec.format!r}")
+    fmt = formats.get(spec.format)
+    if spec.granularity not in fmt.weight_granularities and fmt.fixed_block is None:
+        raise NotImplementedError(f"{spec.format} weights are quantized per {' or '.join(fmt.weight_granularities)}, "
+                                  f"not per {spec.granularity!r}")
+    return fmt.quantize_weight(weight, spec, model_dtype, group_amax)
 
 
 def fake_quantize_weight(weight: Tensor, spec: QuantSpec) -> Tensor:
@@ -205,24 +168,6 @@ def fake_quantize_input_nvfp4(x: Tensor, global_scale: Tensor) -> Tensor:
     return _fake_quantize_nvfp4(x, global_scale)
 
 
-_OP_FOR_FORMAT = {
-    "int8": torch.ops.qcompile.int8_linear.default,
-    "fp8_e4m3": torch.ops.qcompile.fp8_linear.default,
-    "int4": torch.ops.qcompile.int4_linear.default,
-    "int3": torch.ops.qcompile.int4_linear.default,
-    "nvfp4": torch.ops.qcompile.nvfp4_linear.default,
-}
-
-# Positional order of each op's weight-side arguments (after x, before bias); see qcompile/ops.py.
-_WEIGHT_ARGS = {
-    "int8": ("weight", "weight_scale"),
-    "fp8_e4m3": ("weight", "weight_scale", "block_size"),
-    "int4": ("packed", "scale", "zero_point", "group_size", "bits", "in_features"),
-    "int3": ("packed", "scale", "zero_point", "group_size", "bits", "in_features"),
-    "nvfp4": ("packed", "block_scale", "global_scale", "in_features"),
-}
-
-
 def _sqnr_db(reference: Tensor, approx: Tensor) -> float:
     reference = reference.double()
     noise = (reference - approx.double()).pow(2).sum().item()
@@ -265,7 +210,8 @@ def quantize_linears(
                 gm.register_buffer(f"{prefix}_input_scale", static_input_scale(input_spec.format, input_amax[site.name]))
                 input_scale = gm.graph.get_attr(f"{prefix}_input_scale")
 
-            weight_args = [attr_nodes.get(key, int_args.get(key)) for key in _WEIGHT_ARGS[recipe.weights.format]]
+            weight_format = formats.FORMATS[recipe.weights.format]
+            weight_args = [attr_nodes.get(key, int_args.get(key)) for key in weight_format.weight_args]
             args = (
                 site.input,
                 *weight_args,
@@ -274,7 +220,7 @@ def quantize_linears(
                 "none" if input_spec is None else input_spec.format,
                 "tensor" if input_spec is None else input_spec.granularity,
             )
-            new_node = gm.graph.call_function(_OP_FOR_FORMAT[recipe.weights.format], args)
+            new_node = gm.graph.call_function(formats.linear_op(recipe.weights.format), args)
         new_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack")})
         new_node.meta[LAYER_NAME] = site.name
         site.node.replace_all_uses_with(new_node)

@@ -10,13 +10,11 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
-FORMATS = ("int8", "int4", "int3", "fp8_e4m3", "nvfp4")
+from qcompile import formats
+
 GRANULARITIES = ("tensor", "channel", "token", "group", "block")
 ALGORITHMS = ("max", "smoothquant", "awq", "gptq")
 KV_CACHE_FORMATS = ("fp8", "nvfp4")
-
-# Bits a format spends per element, before its scales.
-ELEMENT_BITS = {"int8": 8, "int4": 4, "int3": 3, "fp8_e4m3": 8, "nvfp4": 4}
 
 # Module names never quantized unless the user says otherwise: the output head and embeddings are small in
 # compute and large in accuracy cost, and MoE routers (`mlp.gate`, `router`, Qwen's `shared_expert_gate`) decide
@@ -35,22 +33,23 @@ class QuantSpec:
     symmetric: bool = True
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; valid formats: {', '.join(FORMATS)}")
+        fmt = formats.get(self.format)
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"unknown granularity {self.granularity!r}; valid granularities: {', '.join(GRANULARITIES)}"
             )
         if self.granularity in ("group", "block") and self.block_size is None:
             raise ValueError(f"granularity {self.granularity!r} needs a block_size")
-        if not self.symmetric and self.format not in ("int4", "int3"):
-            raise ValueError(f"asymmetric quantization is only offered for int4/int3, not {self.format!r}")
-        if self.format == "nvfp4" and self.block_size not in (None, 16):
-            raise ValueError("nvfp4 uses blocks of 16 elements")
+        if not self.symmetric and not fmt.asymmetric:
+            offered = "/".join(f.name for f in formats.FORMATS.values() if f.asymmetric)
+            raise ValueError(f"asymmetric quantization is only offered for {offered}, not {self.format!r}")
+        if fmt.fixed_block is not None and self.block_size not in (None, fmt.fixed_block):
+            raise ValueError(f"{self.format} uses blocks of {fmt.fixed_block} elements")
 
     @property
     def bits(self) -> int:
-        return ELEMENT_BITS[self.format]
+        """Bits of information per element, before scales (INT3: 3, though stored in 4)."""
+        return formats.FORMATS[self.format].element_bits
 
 
 @dataclass(frozen=True)
@@ -79,10 +78,21 @@ class Recipe:
             raise ValueError(f"alpha must be a number in [0, 1] or 'search', not {self.alpha!r}")
         if self.weights.dynamic:
             raise ValueError("weights are quantized once, ahead of time: QuantSpec.dynamic must be False for weights")
-        if self.inputs is not None and self.inputs.format in ("int4", "int3"):
-            raise ValueError("4-bit and 3-bit integer activations are not supported")
+        self._check_granularity(self.weights, "weights", formats.get(self.weights.format).weight_granularities)
+        if self.inputs is not None:
+            fmt = formats.get(self.inputs.format)
+            if not fmt.quantizes_inputs:
+                raise ValueError(f"{self.inputs.format} activations are not supported (weights only)")
+            self._check_granularity(self.inputs, "inputs", fmt.input_granularities)
         if isinstance(self.exclude, (list, str)):
             object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
+
+    @staticmethod
+    def _check_granularity(spec: QuantSpec, role: str, offered: tuple[str, ...]) -> None:
+        # NVFP4's 16-element blocks are its format, whatever granularity the spec names
+        if spec.granularity not in offered and formats.FORMATS[spec.format].fixed_block is None:
+            raise ValueError(f"{spec.format} {role} are quantized per {' or '.join(offered)}, "
+                             f"not per {spec.granularity!r}")
 
     @property
     def static_inputs(self) -> bool:
@@ -128,20 +138,3 @@ def resolve_recipe(recipe: str | Recipe, **overrides) -> Recipe:
     if "exclude" in overrides:
         overrides["exclude"] = tuple(overrides["exclude"])
     return dataclasses.replace(recipe, **overrides) if overrides else recipe
-
-
-def weight_bits_per_element(spec: QuantSpec, in_features: int) -> float:
-    """Storage bits per weight element, scales included (what `report()` calls bits/weight)."""
-    bits = float(spec.bits)
-    if spec.format == "nvfp4":
-        return bits + 8 / 16  # one FP8 block scale per 16 elements; the global scale is negligible
-    if spec.granularity == "group":
-        group = spec.block_size if isinstance(spec.block_size, int) else spec.block_size[-1]
-        scale_bits = 32 + (0 if spec.symmetric else 8)
-        return bits + scale_bits / group
-    if spec.granularity == "block":
-        rows, cols = spec.block_size if isinstance(spec.block_size, tuple) else (spec.block_size,) * 2
-        return bits + 32 / (rows * cols)
-    if spec.granularity == "channel":
-        return bits + 32 / max(in_features, 1)
-    return bits

@@ -20,13 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qcompile import numerics
+from qcompile import formats, numerics
 from qcompile.quantized_modules import QuantizedLinear
 from qcompile.recipes import QuantSpec, Recipe
 
 VERSION = "0.20.1"  # the compressed-tensors release whose loaders this layout was checked against
-_LAYER_FORMAT = {"int8": "int-quantized", "fp8_e4m3": "float-quantized", "int4": "pack-quantized",
-                 "nvfp4": "nvfp4-pack-quantized"}
 
 
 def _error(message: str) -> Exception:
@@ -41,7 +39,7 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.kv_cache not in (None, "fp8"):
         raise _error(f"kv_cache={recipe.kv_cache!r}: compressed-tensors' engines read 8-bit float KV caches only; "
                      "export an NVFP4 KV cache with format='modelopt'")
-    if weights.format not in _LAYER_FORMAT or (weights.format == "int4" and not weights.symmetric):
+    if formats.FORMATS[weights.format].compressed_tensors is None or not weights.symmetric:
         raise _error(f"recipe {recipe.name!r}: {weights.format} weights{'' if weights.symmetric else ' (asymmetric)'} "
                      "have no compressed-tensors layout qcompile writes")
     if inputs is None:
@@ -61,8 +59,8 @@ def check_dtype(recipe: Recipe, dtype: torch.dtype) -> None:
 
 def _args(spec: QuantSpec, *, weights: bool) -> dict:
     """A compressed-tensors QuantizationArgs for one of qcompile's specs."""
-    kind = {"int8": ("int", 8), "int4": ("int", 4), "fp8_e4m3": ("float", 8), "nvfp4": ("float", 4)}[spec.format]
-    args = {"num_bits": kind[1], "type": kind[0], "symmetric": True, "group_size": None, "strategy": None,
+    kind, bits, _ = formats.FORMATS[spec.format].compressed_tensors
+    args = {"num_bits": bits, "type": kind, "symmetric": True, "group_size": None, "strategy": None,
             "block_structure": None, "dynamic": False, "actorder": None, "observer": None if not weights else "minmax",
             "observer_kwargs": {}}
     if spec.format == "nvfp4":
@@ -80,7 +78,7 @@ def _args(spec: QuantSpec, *, weights: bool) -> dict:
 
 
 def quantization_config(recipe: Recipe, tree: nn.Module, quantized: dict[str, QuantizedLinear]) -> dict:
-    fmt = _LAYER_FORMAT[recipe.weights.format]
+    fmt = formats.FORMATS[recipe.weights.format].compressed_tensors[2]
     ignore = sorted(name for name, module in tree.named_modules()
                     if isinstance(module, nn.Linear) and name not in quantized)
     group = {"targets": ["Linear"], "weights": _args(recipe.weights, weights=True),
