@@ -11,7 +11,7 @@ layer (~5% of a forward on a 2-core AVX2 CPU; the net gain, the GELU's arithmeti
 float32 ulps of the exact functions.
 
 A layer is fused only where the kernel will run it (x86 with AVX2 and no INT8 dot product, float32 activations; see
-`qcompile.lowering.cpu.takes_native_int8_gemm`), so that elsewhere the graph keeps the op that inductor lowers to
+`qcompile.lowering.cpu.int8.takes_native_int8_gemm`), so that elsewhere the graph keeps the op that inductor lowers to
 the integer GEMMs of those CPUs, and only when the activation is the layer's one user (the activation-free output
 is not needed by anything else). The fused op has no autograd formula: the pass is for graphs run without it
 (`backend="quant"`, a `QuantizedModel` called under `no_grad`).
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from qcompile.lowering import cpu, ensure_registered
+from qcompile.lowering import ensure_registered
+from qcompile.lowering.cpu import int8
 
 ensure_registered()  # defines the qcompile::cpu_ ops these graph rewrites place
 INT8_LINEARS = (torch.ops.qcompile.int8_linear.default, torch.ops.qcompile.cpu_int8_linear.default)
@@ -74,7 +75,7 @@ def runs_native_int8_kernel(gm: fx.GraphModule, linear: fx.Node) -> bool:
         weight, weight_scale, input_scale = (constant_value(gm, node) for node in (weight, weight_scale, input_scale))
     except LookupError:  # not constants of this graph: their dtypes and shapes are not known here
         return False
-    return weight.device.type == "cpu" and cpu.takes_native_int8_gemm(
+    return weight.device.type == "cpu" and int8.takes_native_int8_gemm(
         example.dtype, weight, weight_scale, input_scale, input_format, granularity
     )
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-_PACKAGES = ("qcompile", "qcompile.passes", "qcompile.lowering", "qcompile.lowering.triton")
+_PACKAGES = ("qcompile", "qcompile.passes", "qcompile.lowering", "qcompile.lowering.cpu", "qcompile.lowering.triton")
 _SOURCES = ("*.py", "*.c")
 _PREFIX = "qcompile-"
 

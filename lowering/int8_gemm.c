@@ -4,7 +4,7 @@
  *
  * with q_x = clamp(round_half_even(x / s_x), -127, 127) and s_x = amax / 127 per row (or one static scale), formed
  * exactly as qcompile.numerics.quantize_int8 forms them (IEEE division, not a reciprocal), and the output scaled in
- * the same order as qcompile.lowering.cpu.int8_linear_int_mm (this file is compiled with -ffp-contract=off). act is
+ * the same order as qcompile.lowering.cpu.int8.int8_linear_int_mm (this file is compiled with -ffp-contract=off). act is
  * the identity, or GELU (erf form) or SiLU applied while the tile is still in registers, which saves a separate
  * elementwise pass over the layer's output (MiniLM: [1024, 1536] floats per FFN). Several weights can share one
  * quantization of x (qc_int8_linear_many: q/k/v, gate/up).

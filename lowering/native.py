@@ -137,7 +137,7 @@ class Lut4Weight:
 
     It holds its value tables and any copy it had to make; of the stored codes, scales and zero points it keeps only
     the addresses, so a cached one never keeps a model's weights alive. The caller keeps those alive while the
-    weight is in use (`qcompile.lowering.cpu` checks that they are the very tensors it was built from)."""
+    weight is in use (`qcompile.lowering.cpu.weight_cache` checks that they are the very tensors it was built from)."""
 
     def __init__(self, packed: Tensor, in_features: int, group: int, lut16: Tensor, scale: Tensor,
                  scale_lut: Tensor | None = None, zero: Tensor | None = None):

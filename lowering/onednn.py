@@ -31,7 +31,7 @@ import torch._inductor.inductor_prims  # noqa: F401  (defines prims.inductor_for
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops)
 from torch import Tensor, fx
 
-from qcompile.lowering import cpu
+from qcompile.lowering.cpu import activation_scale, int8
 
 _DECOMPOSED = torch.ops.quantized_decomposed
 
@@ -45,14 +45,14 @@ def per_token_pattern(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Ten
     """Dynamic per-token INT8: codes at zero point 128 and scale 1 into the GEMM, the token scale after it.
 
     Returns (output, amax of each token of the input): with `check`, it is checked here; otherwise by the caller,
-    unreduced (see `cpu.check_finite_amax`).
+    unreduced (see `activation_scale.check_finite_amax`).
     """
     # The token amax must be known before the first code: two passes over x. Left unrealized (say, x = GELU of the
     # previous layer's scaled output), inductor would recompute x in each pass; a buffer costs one write and read.
     x = torch.ops.prims.inductor_force_stride_order.default(x, x.stride())
-    codes, scale, amax = cpu.int8_codes(x.to(torch.float32), None, "token")
+    codes, scale, amax = int8.int8_codes(x.to(torch.float32), None, "token")
     if check:
-        scale = cpu.checked_input_scale(scale, amax)
+        scale = activation_scale.checked_input_scale(scale, amax)
     shifted = _DECOMPOSED.dequantize_per_tensor.default((codes + 128).to(torch.uint8), 1.0, 128, 0, 255, torch.uint8)
     out = torch.nn.functional.linear(shifted, _weight_scaled(weight, weight_scale)) * scale
     out = out if bias is None else out + bias.to(torch.float32)
@@ -69,8 +69,8 @@ def per_tensor_pattern(
     """
     x32 = x.to(torch.float32)
     amax = x32.abs().amax()
-    scale = cpu.checked_input_scale(input_scale.to(torch.float32), amax) if check else input_scale
-    codes, _, _ = cpu.int8_codes(x32, scale, "tensor")
+    scale = activation_scale.checked_input_scale(input_scale.to(torch.float32), amax) if check else input_scale
+    codes, _, _ = int8.int8_codes(x32, scale, "tensor")
     shifted = (codes + 128).to(torch.uint8)
     dequantized = _DECOMPOSED.dequantize_per_tensor.default(shifted, scale_value, 128, 0, 255, torch.uint8)
     bias = None if bias is None else bias.to(torch.float32)
@@ -97,7 +97,7 @@ def _is_cpu_int8_gemm(gm: fx.GraphModule, node: fx.Node) -> bool:
     x_dtype = torch.float32 if example is None else example.dtype
     return (
         value.device.type == "cpu"
-        and cpu.takes_integer_gemm(x_dtype, value.shape[-1], value, input_format, granularity)
+        and int8.takes_integer_gemm(x_dtype, value.shape[-1], value, input_format, granularity)
         and (granularity == "token" or (input_scale is not None and input_scale.op == "get_attr"))
     )
 
@@ -139,7 +139,7 @@ def rewrite_int8_linears(gm: fx.GraphModule) -> int:
         outputs = _float_outputs(gm)  # after the rewrite: an output may be a rewritten layer's
         output = gm.graph.output_node()
         with gm.graph.inserting_before(output):
-            one = cpu.check_finite_amax(amaxes)
+            one = activation_scale.check_finite_amax(amaxes)
             checked = {node: (fx.Proxy(node, tracer) * one.to(_example(node).dtype)).node for node in outputs}
         output.args = fx.node.map_arg(output.args, lambda node: checked.get(node, node))
     if amaxes:

@@ -22,7 +22,7 @@ import sys
 import torch
 from torch import Tensor, fx, nn
 
-from qcompile.lowering.cpu import fp8_kv_round_trip
+from qcompile.lowering.cpu.fp8 import fp8_kv_round_trip
 from qcompile.passes.quantize_kv import KV_ROLE
 
 _PREFIX = "qcompile_kv_"

@@ -16,7 +16,7 @@ import torch
 
 import qcompile as qc
 from qcompile.lowering import compile_cache
-from qcompile.lowering import cpu as cpu_lowering
+from qcompile.lowering.cpu import int8 as cpu_int8
 
 
 def test_source_digest_follows_every_source_file_and_nothing_else(tmp_path: Path):
@@ -38,9 +38,12 @@ def test_source_digest_follows_every_source_file_and_nothing_else(tmp_path: Path
     assert compile_cache.source_digest([("other", tmp_path)]) != compile_cache.source_digest([("pkg", tmp_path)])
 
 
-def test_importing_qcompile_tags_the_cache_keys_and_keeps_the_users_tag(monkeypatch):
+def test_the_lowerings_tag_the_cache_keys_and_keep_the_users_tag(monkeypatch):
+    from qcompile.lowering import ensure_registered
+
+    ensure_registered()  # what the first call of a qcompile:: op, or of its fake (any compile), does
     own = "qcompile-" + compile_cache.fingerprint()
-    assert own in torch.compiler.config.cache_key_tag.split(",")  # set by `import qcompile`
+    assert own in torch.compiler.config.cache_key_tag.split(",")
 
     with torch.compiler.config.patch(cache_key_tag="team-a,qcompile-0000000000000000"):
         assert compile_cache.tag() == f"team-a,{own}"  # a stale qcompile tag replaced, the user's kept
@@ -73,9 +76,9 @@ def test_a_changed_qcompile_is_not_served_a_graph_compiled_by_the_old_one(tmp_pa
     torch.testing.assert_close(_compile_and_run(qm, x, version_1), expected)  # compiled and cached by "version 1"
 
     # "version 2": the decomposition takes the float path for every INT8 layer, and that path is recognisable
-    monkeypatch.setattr(cpu_lowering, "_takes_int_mm", lambda *args: False)
-    monkeypatch.setattr(cpu_lowering, "takes_native_int8_gemm", lambda *args: False)
-    monkeypatch.setattr(cpu_lowering, "int8_linear_dequantized",
+    monkeypatch.setattr(cpu_int8, "_takes_int_mm", lambda *args: False)
+    monkeypatch.setattr(cpu_int8, "takes_native_int8_gemm", lambda *args: False)
+    monkeypatch.setattr(cpu_int8, "int8_linear_dequantized",
                         lambda x, weight, *args: torch.full((*x.shape[:-1], weight.shape[0]), 7.0, dtype=x.dtype))
 
     stale = _compile_and_run(qm, x, version_1)  # the control: same key, so the cached "version 1" graph runs

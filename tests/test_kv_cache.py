@@ -381,7 +381,7 @@ def test_cli_kv_cache(tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_decode_round_trip_equals_the_reference(dtype):
-    from qcompile.lowering.cpu import fp8_kv_round_trip
+    from qcompile.lowering.cpu.fp8 import fp8_kv_round_trip
 
     torch.manual_seed(3)
     x = (torch.randn(2, 3, 7, 40) * torch.logspace(-6, 3, 40)).to(dtype)  # subnormal to saturated codes

@@ -298,7 +298,7 @@ def _plain_session(path: Path, tmp_path: Path):
 
 
 def test_uint8_weights_are_exact_in_any_session(tmp_path):
-    from qcompile.lowering import cpu as cpu_lowering
+    from qcompile.lowering.cpu import int8 as cpu_int8
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 32, 384, generator=g)
@@ -326,7 +326,7 @@ def test_uint8_weights_are_exact_in_any_session(tmp_path):
     assert rel(qonnx.onnxruntime_session(path, threads=2).run(None, {"x": x.numpy()})[0], want) <= OP_TOL
     session, fused = _plain_session(path, tmp_path)
     assert "MatMulIntegerToFloat" in fused
-    if not cpu_lowering.has_fast_int8_gemm() and os.uname().machine == "x86_64":
+    if not cpu_int8.has_fast_int8_gemm() and os.uname().machine == "x86_64":
         assert rel(session.run(None, {"x": x.numpy()})[0], want) > 1e-3
 
 

@@ -495,13 +495,13 @@ def test_register_attaches_cuda_kernels():
     for name in triton_lowering.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qcompile::{name}", "CUDA")
     # CPU tensors still run the CPU lowering (the integer GEMM; the reference's function up to float32 rounding).
-    from qcompile.lowering import cpu as cpu_lowering
+    from qcompile.lowering.cpu import int8 as cpu_int8
 
     x, w = make_x(2, 32, torch.float32), make_w(8, 32)
     t = numerics.quantize_int8(w, "channel")
     args = (x, t.q, t.scale, None, None, "int8", "token")
     got = torch.ops.qcompile.int8_linear(*args)
-    assert torch.equal(got, cpu_lowering.int8_linear(*args))
+    assert torch.equal(got, cpu_int8.int8_linear(*args))
     want = ref.int8_linear(*args)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
