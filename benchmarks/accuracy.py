@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -44,10 +43,6 @@ import qcompile as qc  # noqa: E402
 from qcompile import eval as qeval  # noqa: E402
 from qcompile import hf  # noqa: E402
 from qcompile.calibration import run_calibration  # noqa: E402
-from qcompile.capture import capture  # noqa: E402
-from qcompile.convert import SEARCH_ROWS, algorithm_that_runs, convert, runs_gptq  # noqa: E402
-from qcompile.passes.find_linears import find_linears  # noqa: E402
-from qcompile.passes.insert_observers import insert_observers, remove_observers  # noqa: E402
 
 # Model Optimizer 0.47 on SmolLM2-135M, 2 CPU cores, the same windows (issue 5): perplexity, seconds to quantize.
 MODELOPT_SMOLLM2 = {
@@ -101,7 +96,8 @@ def configs() -> list[tuple[str, qc.Recipe | None, str | None]]:
 
 
 class Calibrated:
-    """A model captured once and calibrated once; `quantize(recipe)` converts a copy of the calibrated graph."""
+    """A model prepared and calibrated once (`qcompile.prepare` for the most demanding algorithm here, AWQ: sampled
+    rows and x^T x per layer); `quantize(recipe)` converts a copy of it with `qcompile.convert`."""
 
     def __init__(self, model, calib: list, watch: qeval.Stopwatch, progress: bool):
         self.calib = calib
@@ -109,32 +105,21 @@ class Calibrated:
         example = calib[0]
         args, kwargs = ((), example) if isinstance(example, dict) else ((example,), {})
         with watch.stage("capture (torch.export)"):
-            self.graph = capture(model, args, kwargs)
+            self.prepared = qc.prepare(model, qc.RECIPES["int4_awq"], example_inputs=args, example_kwargs=kwargs)
         self.capture_s = watch.times["capture (torch.export)"]
-        sites = find_linears(self.graph)
-        with watch.stage(f"calibration ({len(calib)} batches, observers on {len(sites)} linears)"):
-            # x^T x per layer too: AWQ measures weight error on every calibration row through it.
-            self.observers = insert_observers(self.graph, sites, keep_rows=SEARCH_ROWS, hessian=True)
-            run_calibration(self.graph, calib, progress=progress)
-            remove_observers(self.graph)
+        with watch.stage(f"calibration ({len(calib)} batches, observers on {len(self.prepared.layers)} linears)"):
+            run_calibration(self.prepared, calib, progress=progress)
         self.calibrate_s = list(watch.times.values())[-1]
 
     def quantize(self, recipe: qc.Recipe) -> tuple[torch.nn.Module, float, float]:
         """(quantized graph, conversion seconds, standalone quantize seconds)."""
-        graph = copy.deepcopy(self.graph)
-        sites = [site for site in find_linears(graph) if not recipe.excludes(site.name)]
+        prepared = copy.deepcopy(self.prepared)
         start = time.perf_counter()
-        if runs_gptq(recipe):
-            forward = functools.partial(run_calibration, calib=self.calib, desc="gptq inputs", progress=self.progress)
-            convert(graph, sites, recipe, None, calibration_forward=forward, progress=self.progress)
-            seconds = time.perf_counter() - start
-            return graph, seconds, self.capture_s + seconds
-        observers = {site.name: self.observers[site.name] for site in sites}
-        convert(graph, sites, recipe, observers, progress=self.progress)
-        if recipe.kv_cache is not None:  # calibrated on the converted graph, as qcompile.quantize does
-            qc._quantize_kv_cache(graph, recipe.kv_cache, self.calib, None, self.progress)
+        # the calibration batches: GPTQ reruns them layer group by layer group, a KV cache calibrates on them
+        qm = qc.convert(prepared, recipe=recipe, calib=self.calib, progress=self.progress)
         seconds = time.perf_counter() - start
-        return graph, seconds, self.capture_s + self.calibrate_s + seconds
+        sequential = qc.algorithms.needs(recipe).sequential
+        return qm.graph_module, seconds, self.capture_s + (0.0 if sequential else self.calibrate_s) + seconds
 
 
 def _modelopt_row(model, label: str, calib: list, evaluate) -> dict | None:
@@ -178,14 +163,14 @@ def run_model(name: str, model, calib: list, evaluate, wanted: set[str] | None, 
             continue
         if calibrated is None:
             calibrated = Calibrated(model, calib, watch, progress)
-        with watch.stage(f"{name}: quantize {label} ({algorithm_that_runs(recipe)})"):
+        with watch.stage(f"{name}: quantize {label} ({qc.algorithms.describe(recipe)})"):
             graph, convert_s, quantize_s = calibrated.quantize(recipe)
         with watch.stage(f"{name}: evaluate {label}"):
             results[label] = evaluate(graph)
         eval_s = list(watch.times.values())[-1]
         del graph
         row = {
-            "model": name, "config": label, "algorithm": algorithm_that_runs(recipe), "metric": results[label],
+            "model": name, "config": label, "algorithm": qc.algorithms.describe(recipe), "metric": results[label],
             "convert_s": convert_s, "quantize_s": quantize_s, "eval_s": eval_s, "baseline": baseline,
         }
         if baseline in results:

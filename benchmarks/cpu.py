@@ -50,7 +50,6 @@ import torch  # noqa: E402
 
 import qcompile as qc  # noqa: E402
 from qcompile import hf  # noqa: E402
-from qcompile.convert import needs_calibration  # noqa: E402
 from qcompile.eval import format_table  # noqa: E402
 from quantize_cpu import _paired_latency as _paired  # noqa: E402  (FP32 and variant timed alternately)
 from quantize_cpu import _split  # noqa: E402  (comma-separated names, checked)
@@ -63,7 +62,7 @@ BATCH, SEQ = 8, 128
 def _backend(model, recipe: str, calib: list[dict]):
     """`torch.compile(model, backend="quant")`, calibrated on `calib` (keyword batches) where the recipe needs data."""
     compiled = torch.compile(model, backend="quant", options={"recipe": recipe})
-    if needs_calibration(qc.RECIPES[recipe]):
+    if qc.algorithms.needs(qc.RECIPES[recipe]).calibration:
         with qc.calibrate(compiled), torch.no_grad():
             for batch in calib:
                 compiled(**batch)

@@ -27,6 +27,7 @@ from torch import Tensor, fx
 
 from qcompile.lowering import ensure_registered
 from qcompile.lowering.cpu import int8
+from qcompile.ops import op_arguments
 
 ensure_registered()  # defines the qcompile::cpu_ ops these graph rewrites place
 INT8_LINEARS = (torch.ops.qcompile.int8_linear.default, torch.ops.qcompile.cpu_int8_linear.default)
@@ -67,7 +68,9 @@ def constant_value(gm: fx.GraphModule, node) -> Tensor | None:
 def runs_native_int8_kernel(gm: fx.GraphModule, linear: fx.Node) -> bool:
     """Whether the INT8 layer `linear` (public op, twin or fused with its activation; constants as attributes of `gm`)
     runs `native`'s kernel."""
-    x, weight, weight_scale, bias, input_scale, input_format, granularity = linear.args[:7]
+    args = op_arguments(linear)
+    x, input_format, granularity = args["x"], args["input_format"], args["input_granularity"]
+    weight, weight_scale, input_scale = args["weight"], args["weight_scale"], args["input_scale"]
     example = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, fx.Node) else None
     if not isinstance(example, Tensor) or example.dtype != torch.float32:
         return False

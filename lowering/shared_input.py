@@ -25,14 +25,21 @@ import torch
 from torch import fx
 
 from qcompile.lowering.activation_fusion import INT8_LINEARS, constant_value, runs_native_int8_kernel
+from qcompile.ops import op_arguments
 
 _WITH_ACTIVATION = torch.ops.qcompile.cpu_int8_linear_activation.default
 
 
+def _operands(node: fx.Node) -> list:
+    """The layer's weight, weight scale, bias and input scale."""
+    args = op_arguments(node)
+    return [args[name] for name in ("weight", "weight_scale", "bias", "input_scale")]
+
+
 def _group_key(gm: fx.GraphModule, node: fx.Node):
-    x, _, _, _, input_scale, input_format, granularity = node.args[:7]
-    scale = None if input_scale is None else float(constant_value(gm, input_scale).reshape(()))
-    return x, scale, input_format, granularity
+    args = op_arguments(node)
+    scale = None if args["input_scale"] is None else float(constant_value(gm, args["input_scale"]).reshape(()))
+    return args["x"], scale, args["input_format"], args["input_granularity"]
 
 
 def merge_shared_input_int8_linears(gm: fx.GraphModule) -> int:
@@ -50,28 +57,30 @@ def merge_shared_input_int8_linears(gm: fx.GraphModule) -> int:
         first = layers[0] if len(layers) > 1 else None
         if first is None or any(
             isinstance(arg, fx.Node) and arg.op != "get_attr" and order[arg] > order[first]
-            for layer in layers[1:] for arg in layer.args[1:5]
+            for layer in layers[1:] for arg in _operands(layer)
         ):  # one layer alone, or a later layer's operand computed after the first layer
             continue
         # the call goes where the first layer was: the later layers' constants move up to it (they read nothing)
         for layer in layers[1:]:
-            for arg in layer.args[1:5]:
+            for arg in _operands(layer):
                 if isinstance(arg, fx.Node) and arg.op == "get_attr":
                     first.prepend(arg)
-        x, _, _, _, input_scale, input_format, granularity = first.args[:7]
-        activations = [n.args[7] if n.target is _WITH_ACTIVATION else "none" for n in layers]
+        arguments = [op_arguments(n) for n in layers]
+        first_args = arguments[0]
+        activations = [a.get("activation", "none") for a in arguments]
         with gm.graph.inserting_before(first):
             call = gm.graph.call_function(
                 torch.ops.qcompile.cpu_int8_linear_shared.default,
-                (x, [n.args[1] for n in layers], [n.args[2] for n in layers], [n.args[3] for n in layers],
-                 input_scale, input_format, granularity, activations),
+                (first_args["x"], [a["weight"] for a in arguments], [a["weight_scale"] for a in arguments],
+                 [a["bias"] for a in arguments], first_args["input_scale"], first_args["input_format"],
+                 first_args["input_granularity"], activations),
             )
             outputs = [gm.graph.call_function(operator.getitem, (call, i)) for i in range(len(layers))]
         call.meta["val"] = [layer.meta.get("val") for layer in layers]
         for layer, output in zip(layers, outputs):
             output.meta.update(layer.meta)
             layer.replace_all_uses_with(output)
-            scale = layer.args[4]
+            scale = op_arguments(layer)["input_scale"]
             gm.graph.erase_node(layer)
             if isinstance(scale, fx.Node) and scale.op == "get_attr" and not scale.users:
                 gm.graph.erase_node(scale)  # a static scale equal to the first layer's, which the call reads

@@ -41,8 +41,6 @@ from qcompile.passes.quantize_linears import grouped_padded
 from qcompile.passes.smoothquant import folds, migrate_scale, shared_input_groups
 from qcompile.recipes import QuantSpec
 
-ALPHA_GRID = tuple(i / 20 for i in range(0, 21))
-CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(0, 10))  # 1.0, 0.95, ..., 0.55
 _SCALE_RANGE = (1e-4, 1e4)
 _EPS = 1e-8
 # Upper bound on the elements of one [groups, rows, outputs] error tensor in the clipping search.
@@ -98,7 +96,7 @@ def search_scale(
     fake_quantize_weight: Callable[[Tensor], Tensor],
     fake_quantize_input: Callable[[Tensor, Tensor], Tensor] | None,
     group: int | None,
-    grid: tuple[float, ...] = ALPHA_GRID,
+    grid: tuple[float, ...],
     moment: Tensor | None = None,
 ) -> tuple[Tensor | None, float | None]:
     """(best scale or None for no scaling, its alpha) by output error.
@@ -141,8 +139,8 @@ def search_clip(
     sample: Tensor | None,
     fake_quantize_weight: Callable[[Tensor], Tensor],
     group: int,
+    ratios: tuple[float, ...],
     symmetric: bool = True,
-    ratios: tuple[float, ...] = CLIP_RATIOS,
     moment: Tensor | None = None,
     tensor_scale: bool = False,
 ) -> Tensor:
@@ -210,8 +208,8 @@ def awq_linears(
     spec: QuantSpec,
     placeholder_values: Mapping[str, Tensor] | None = None,
     *,
-    alpha_grid: tuple[float, ...] = ALPHA_GRID,
-    clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+    alpha_grid: tuple[float, ...],
+    clip_ratios: tuple[float, ...],
     progress: bool = False,
     fold_only: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -258,8 +256,8 @@ def awq_linears(
                 group_size = quantization_group_size(spec, site.in_features)
                 references[site.name] = site.weight.detach().float()
                 site.weight = search_clip(
-                    site.weight, scaled_rows[site.name], fake_quantize_weight, group_size, spec.symmetric, clip_ratios,
-                    moments[site.name], tensor_scale=spec.format == "nvfp4",
+                    site.weight, scaled_rows[site.name], fake_quantize_weight, group_size, clip_ratios, spec.symmetric,
+                    moments[site.name], tensor_scale=formats.FORMATS[spec.format].shared_tensor_scale(spec.granularity),
                 )
     return new_amax, references
 

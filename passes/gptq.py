@@ -11,7 +11,7 @@ Per linear, with H = 2 X^T X / N over its calibration inputs (float32):
 
 The quantization grid is the recipe's own (symmetric INT4/INT3 in groups along the input axis, or INT8 per output
 channel). A group's scale is fixed when the walk reaches its first column, from the weights as updated so far:
-ratio * group max / qmax, with the ratio (1.0 down to 0.55; `SCALE_RATIOS`) that best quantizes the group's
+ratio * group max / qmax, with the ratio (by default 1.0 down to 0.55: `qcompile.algorithms.GPTQ`) that best quantizes the group's
 current values, each column weighted by its diag H; ratio 1 is the reference's plain max rule (`scale_ratios=
 (1.0,)`). The element that set the max is rounded to +-qmax, so the dequantized result, handed to the quantization
 pass as `site.weight`, requantizes to exactly these codes and scales (to the last float bit of a scale). A Cholesky that fails is retried with ten times the damping,
@@ -40,10 +40,6 @@ from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.smoothquant import shared_input_groups
 from qcompile.recipes import QuantSpec
 
-BLOCK_SIZE = 128
-DAMPING = 0.01
-# Ratios of the group max that the pipeline tries for each group's scale (1.0 alone: the plain max rule).
-SCALE_RATIOS = tuple(1.0 - i / 20 for i in range(10))
 _DAMPING_RETRIES = 3
 
 
@@ -77,7 +73,7 @@ def round_to_nearest(weight: Tensor, spec: QuantSpec) -> Tensor:
     return out
 
 
-def inverse_cholesky(hessian: Tensor, damping: float = DAMPING) -> Tensor | None:
+def inverse_cholesky(hessian: Tensor, damping: float) -> Tensor | None:
     """Upper Cholesky factor of (H + damp I)^-1, raising the damping on failure; None if it never succeeds."""
     h = hessian.float()
     if not bool(torch.isfinite(h).all()):
@@ -145,8 +141,8 @@ def gptq_weight(
     spec: QuantSpec,
     *,
     name: str = "",
-    block_size: int = BLOCK_SIZE,
-    damping: float = DAMPING,
+    block_size: int,
+    damping: float,
     act_order: bool = False,
     scale_ratios: tuple[float, ...] = (1.0,),
 ) -> Tensor:
@@ -204,11 +200,12 @@ def gptq_weight(
     return result
 
 
-def _quantize_group(group: list[LinearSite], hessian: Tensor, spec: QuantSpec, act_order: bool) -> None:
-    """Linears reading one input share its Hessian: one GPTQ run over their stacked rows."""
+def _quantize_group(group: list[LinearSite], hessian: Tensor, spec: QuantSpec, settings: dict) -> None:
+    """Linears reading one input share its Hessian: one GPTQ run over their stacked rows. `settings`: keyword
+    arguments of `gptq_weight` (block_size, damping, act_order, scale_ratios)."""
     stacked = torch.cat([site.weight.detach().float() for site in group])
     name = ", ".join(site.name for site in group)
-    quantized = gptq_weight(stacked, hessian, spec, name=name, act_order=act_order, scale_ratios=SCALE_RATIOS)
+    quantized = gptq_weight(stacked, hessian, spec, name=name, **settings)
     for site, part in zip(group, quantized.split([site.out_features for site in group])):
         site.weight = part.contiguous()
 
@@ -218,13 +215,14 @@ def gptq_from_hessians(
     hessians: Mapping[str, Tensor],
     spec: QuantSpec,
     *,
-    act_order: bool = False,
     progress: bool = False,
+    **settings,
 ) -> None:
-    """One-shot GPTQ: every layer from a Hessian of the float model's activations (`hessians` by layer name)."""
+    """One-shot GPTQ: every layer from a Hessian of the float model's activations (`hessians` by layer name).
+    `settings`: keyword arguments of `gptq_weight`."""
     with torch.no_grad():
         for group in tqdm(shared_input_groups(sites), desc="gptq", disable=not progress, leave=False):
-            _quantize_group(group, hessians[group[0].name], spec, act_order)
+            _quantize_group(group, hessians[group[0].name], spec, settings)
 
 
 class _Recorded(Exception):
@@ -306,11 +304,11 @@ def gptq_sequential(
     spec: QuantSpec,
     calibration_forward: Callable[[Callable], object],
     *,
-    act_order: bool = False,
     progress: bool = False,
+    **settings,
 ) -> dict[str, Tensor]:
     """GPTQ with sequential calibration; returns each layer's input amax as the quantized model feeds it (None
-    for a layer that saw no row).
+    for a layer that saw no row). `settings`: keyword arguments of `gptq_weight`.
 
     `calibration_forward(model)` calls `model(...)` once per calibration batch (as `qcompile.quantize` does with
     `calib`). `site.weight` becomes each layer's GPTQ weight; the graph itself is left as it was.
@@ -337,7 +335,7 @@ def gptq_sequential(
                 if x.numel():
                     amax = torch.maximum(amax, x.abs().amax())
             if rows:
-                _quantize_group(group, xtx * (2.0 / rows), spec, act_order)
+                _quantize_group(group, xtx * (2.0 / rows), spec, settings)
             del xtx
             for site in group:
                 # no row (an MoE expert no token was routed to): the weight stays as it is, rounded to nearest,

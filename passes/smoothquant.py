@@ -25,7 +25,6 @@ from qcompile.passes.insert_observers import ActivationObserver
 
 aten = torch.ops.aten
 
-ALPHA_GRID = tuple(i / 10 for i in range(0, 11))
 _SCALE_RANGE = (1e-4, 1e4)
 _LAYER_NORM = {aten.layer_norm.default, F.layer_norm, torch.layer_norm}
 _MUL = {aten.mul.Tensor, torch.mul, operator.mul}
@@ -52,7 +51,7 @@ def search_alpha(
     weights: list[Tensor],
     fake_quantize_weight: Callable[[Tensor], Tensor],
     fake_quantize_input: Callable[[Tensor, Tensor], Tensor],
-    grid: tuple[float, ...] = ALPHA_GRID,
+    grid: tuple[float, ...],
     folds: list[tuple[Tensor, Tensor]] | None = None,
 ) -> float | None:
     """The alpha whose smoothed, quantized product is closest to the float product on sampled inputs.
@@ -91,6 +90,7 @@ def smooth_linears(
     fake_quantize_input: Callable[[Tensor, Tensor], Tensor] | None = None,
     placeholder_values: Mapping[str, Tensor] | None = None,
     fold_only: bool = False,
+    alpha_grid: tuple[float, ...] = (),
 ) -> dict[str, Tensor]:
     """Smooth every shared-input group; returns the new per-layer input amax. With `fold_only`, groups whose
     scale would need an explicit division of their input are left as they are.
@@ -112,10 +112,10 @@ def smooth_linears(
             continue
         group_alpha = alpha
         if group_alpha is None:
-            if observer.sample is None or fake_quantize_weight is None or fake_quantize_input is None:
-                raise ValueError("alpha search needs sampled calibration rows and the recipe's fake-quantizers")
+            if observer.sample is None or fake_quantize_weight is None or fake_quantize_input is None or not alpha_grid:
+                raise ValueError("alpha search needs sampled calibration rows, the recipe's fake-quantizers and a grid")
             group_alpha = search_alpha(observer.sample, observer.channel_amax, weights, fake_quantize_weight,
-                                       fake_quantize_input, folds=observer.folds())
+                                       fake_quantize_input, grid=alpha_grid, folds=observer.folds())
             if group_alpha is None:  # smoothing loses here: leave the group as it is
                 for site in group:
                     new_amax[site.name] = observer.amax

@@ -1,26 +1,28 @@
 """qcompile: a quantization compiler for PyTorch 2.
 
-The ahead-of-time pipeline, top to bottom (`quantize` below):
+The ahead-of-time pipeline, top to bottom: `quantize` = `prepare` -> calibration batches -> `convert`, below.
 
-1. resolve the recipe (`qcompile.recipes`): how weights and input activations are quantized;
-2. capture the model with torch.export (`qcompile.capture`: a copy of its module tree, with Hugging Face caches
-   off and fused MoE experts as per-expert linears, `qcompile.moe`);
-3. find the quantizable linears in the graph (`qcompile.passes.find_linears`);
-4. if the recipe needs data, insert observers and run the calibration batches (`qcompile.passes.insert_observers`,
-   `qcompile.calibration`);
-5. run the recipe's calibration algorithm (SmoothQuant and AWQ fold their scales into the graph:
+1. resolve the recipe (`qcompile.recipes`): how weights and input activations are quantized (each format is an
+   entry of `qcompile.formats`), and which algorithm calibrates them (`qcompile.algorithms`: what it needs, its
+   options);
+2. `prepare`: capture the model with torch.export (`qcompile.capture`: a copy of its module tree, with Hugging Face
+   caches off and fused MoE experts as per-expert linears, `qcompile.moe`), find the quantizable linears in the
+   graph (`qcompile.passes.find_linears`) and insert the observers the algorithm needs
+   (`qcompile.passes.insert_observers`);
+3. calibration: the batches run through the prepared model (`qcompile.calibration`);
+4. `convert`: run the recipe's algorithm (SmoothQuant and AWQ fold their scales into the graph:
    `qcompile.passes.smoothquant`, `qcompile.passes.awq`; GPTQ reruns the calibration batches group of layers by
    group of layers: `qcompile.passes.gptq`) and rewrite each linear into a `qcompile::` op holding packed quantized
    weights (`qcompile.passes.quantize_linears`);
    the ops are defined in `qcompile.ops` and implemented in `qcompile.lowering`;
-6. with a KV-cache format, find each attention's keys and values in the graph (`qcompile.passes.find_attention`),
+5. with a KV-cache format, find each attention's keys and values in the graph (`qcompile.passes.find_attention`),
    calibrate their static scales on the quantized graph and route them through the format
    (`qcompile.passes.quantize_kv`);
-7. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`,
+6. wrap the graph in a `QuantizedModel` (`qcompile.model`): call it, `.report()`, `.save()`, `qcompile.load()`,
    `.generate()` (on the model's own module tree with quantized layers: `qcompile.quantized_modules`), and write
    checkpoints that serving engines load (`qcompile.export_hf`, `qcompile.checkpoints`).
 
-The just-in-time path, `torch.compile(model, backend="quant")`, runs steps 3-5 on dynamo's graphs
+The just-in-time path, `torch.compile(model, backend="quant")`, runs the same passes on dynamo's graphs
 (`qcompile.backend`); static recipes calibrate inside `with qcompile.calibrate(compiled): ...`.
 """
 
@@ -32,32 +34,41 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from qcompile import numerics, ops  # noqa: F401  (ops registers the qcompile:: operator library)
+from qcompile import algorithms, formats, numerics, ops  # noqa: F401  (ops defines the qcompile:: operators)
 from qcompile.calibration import calibrate, describe_call, first_batch, run_calibration
 from qcompile.capture import capture, module_tree
 from qcompile.checkpoints import export_hf
-from qcompile.convert import algorithm_that_runs, convert, needs_calibration, rows_to_keep, runs_gptq, wants_hessian
+from qcompile.conversion import convert_linears
 from qcompile.model import QuantizedModel, load
+from qcompile.prepared import PreparedModel
 from qcompile.lowering.onnx import export_onnx
 from qcompile.passes.find_attention import find_attention
 from qcompile.passes.find_linears import find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
 from qcompile.passes.quantize_kv import insert_kv_observers, quantize_kv, remove_kv_observers
 from qcompile.recipes import RECIPES, QuantSpec, Recipe, resolve_recipe
+from qcompile.tensorrt import build_engine
 
 __all__ = [
     "RECIPES",
+    "PreparedModel",
     "QuantSpec",
     "QuantizedModel",
     "Recipe",
+    "algorithms",
+    "build_engine",
     "calibrate",
+    "convert",
     "export_hf",
     "export_onnx",
     "load",
+    "formats",
     "numerics",
+    "prepare",
     "quantize",
 ]
 __version__ = "0.1.0"
+
 
 def quantize(
     model: nn.Module,
@@ -80,13 +91,38 @@ def quantize(
     """
     recipe = resolve_recipe(recipe, exclude=exclude, kv_cache=kv_cache)
     args, kwargs, calib = _example_call(example_inputs, example_kwargs, calib)
-    if recipe.kv_cache is not None:
-        if calib is None:
-            raise ValueError(f"kv_cache={recipe.kv_cache!r} calibrates static key and value scales: pass "
-                             "calib=[batch, ...]")
-        if isinstance(calib, Iterable) and iter(calib) is calib:
-            calib = list(calib)  # read once for the layers and once more for the keys and values
+    prepared = prepare(model, recipe, example_inputs=args, example_kwargs=kwargs)
+    if prepared is model:  # nothing to quantize (prepare warned)
+        return model
+    needs = algorithms.needs(recipe)
+    if calib is None and (needs.calibration or recipe.kv_cache is not None):
+        if recipe.static_inputs:
+            why = f"recipe {recipe.name!r} has static activation scales, calibrated on data"
+        elif needs.calibration:
+            why = f"recipe {recipe.name!r} runs {algorithms.runs(recipe).name.upper()}, which needs calibration data"
+        else:
+            why = f"kv_cache={recipe.kv_cache!r} calibrates static key and value scales"
+        raise ValueError(f"{why}: pass calib=[batch, ...]")
+    if recipe.kv_cache is not None and isinstance(calib, Iterable) and iter(calib) is calib:
+        calib = list(calib)  # read once for the layers and once more for the keys and values
+    if needs.calibration and not needs.sequential:  # a sequential algorithm runs the batches itself, in convert
+        run_calibration(prepared, calib, progress=progress, expected=prepared.expected_call)
+    return convert(prepared, calib=calib, progress=progress)
 
+
+def prepare(
+    model: nn.Module,
+    recipe: str | Recipe = "fp8_dynamic",
+    *,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    exclude: Iterable[str] | None = None,
+    kv_cache: str | None = None,
+) -> PreparedModel | nn.Module:
+    """Capture `model` and observe the inputs of the linears `recipe` targets: call the result on calibration
+    batches, then `convert` it. A model with no targeted linear comes back unchanged, with a warning."""
+    recipe = resolve_recipe(recipe, exclude=exclude, kv_cache=kv_cache)
+    args, kwargs, _ = _example_call(example_inputs, example_kwargs, None)
     tree = module_tree(model)
     graph = capture(tree, args, kwargs)
     sites = [site for site in find_linears(graph) if not recipe.excludes(site.name)]
@@ -94,33 +130,68 @@ def quantize(
         warnings.warn(
             f"{type(model).__name__} has no linear layer that recipe {recipe.name!r} targets "
             f"(exclude={list(recipe.exclude)}); returning the model unchanged",
-            stacklevel=2,
+            stacklevel=3,
         )
         return model
-
     for site in sites:  # a bad weight is named as such, before calibration runs it through the model
         numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
-    observers = None
-    calibration_forward = None
-    if runs_gptq(recipe):
-        # Sequential GPTQ feeds the batches itself, layer group by layer group (its one pass also gives the
-        # static input ranges, measured behind the already-quantized layers).
-        if calib is None:
-            raise ValueError(f"recipe {recipe.name!r} runs GPTQ, which needs calibration data: pass calib=[batch, ...]")
-        calibration_forward = functools.partial(run_calibration, calib=calib, desc="gptq inputs", progress=progress,
-                                                expected=describe_call(args, kwargs))
-    elif needs_calibration(recipe):
-        observers = insert_observers(graph, sites, keep_rows=rows_to_keep(recipe), hessian=wants_hessian(recipe))
-        run_calibration(graph, calib, progress=progress, expected=describe_call(args, kwargs))
-        remove_observers(graph)
-
+    needs = algorithms.needs(recipe)
+    observers = {}
+    if needs.calibration:
+        observers = insert_observers(graph, sites, keep_rows=needs.sampled_rows, hessian=needs.gram)
     float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    layers = convert(graph, sites, recipe, observers, calibration_forward=calibration_forward, progress=progress)
+    return PreparedModel(graph, tree, [site.name for site in sites], recipe, (args, kwargs), observers, float_bytes)
+
+
+def convert(prepared: PreparedModel, *, calib: Iterable | Callable | None = None, recipe: str | Recipe | None = None,
+            progress: bool = True) -> QuantizedModel:
+    """Run the recipe's algorithm on what the prepared model observed and rewrite its linears into quantized ops.
+
+    `calib`: the calibration batches (or a forward loop), for algorithms that rerun them layer group by layer
+    group (GPTQ; without it they use the statistics observed while calibrating) and for a KV cache (default: the
+    batches the prepared model ran). `recipe`: convert with another recipe than the one prepared, whose algorithm
+    needs no statistics beyond those observed (one calibration, several recipes: copy the prepared model first)."""
+    if not isinstance(prepared, PreparedModel):
+        raise TypeError(f"qcompile.convert expects what qcompile.prepare returned, not {type(prepared).__name__}")
+    if prepared.converted:
+        raise RuntimeError("this PreparedModel was already converted")
+    recipe = prepared.recipe if recipe is None else resolve_recipe(recipe)
+    graph = prepared.graph_module
+    layers = [name for name in prepared.layers if not recipe.excludes(name)]
+    needs, observed = algorithms.needs(recipe), algorithms.needs(prepared.recipe)
+    if (needs.calibration and not observed.calibration) or needs.sampled_rows > observed.sampled_rows or \
+            (needs.gram and not observed.gram):
+        raise ValueError(f"recipe {recipe.name!r} needs statistics ({needs}) that the model prepared for recipe "
+                         f"{prepared.recipe.name!r} did not observe ({observed}): prepare it for {recipe.name!r}")
+    observers = {name: prepared.observers[name] for name in layers} if prepared.observers else None
+    calibration_forward = None
+    if needs.sequential and calib is not None:
+        # the algorithm measures each layer behind the layers already quantized (its one pass also gives the static
+        # input ranges): the observers' statistics are not used
+        observers = None
+        calibration_forward = functools.partial(run_calibration, calib=calib, desc=f"{recipe.algorithm} inputs",
+                                                progress=progress, expected=prepared.expected_call)
+    elif needs.calibration and prepared.batches_seen == 0:
+        if calib is None:
+            raise ValueError(f"recipe {recipe.name!r} needs calibration data: call the prepared model on calibration "
+                             "batches before qcompile.convert (or pass calib=[batch, ...])")
+        run_calibration(prepared, calib, progress=progress, expected=prepared.expected_call)
+    remove_observers(graph)
+    prepared.converted = True
+    sites = [site for site in find_linears(graph) if site.name in set(layers)]
+    layers = convert_linears(graph, sites, recipe, observers, calibration_forward=calibration_forward,
+                             progress=progress)
     kv_layers = []
     if recipe.kv_cache is not None:
-        kv_layers = _quantize_kv_cache(graph, recipe.kv_cache, calib, describe_call(args, kwargs), progress)
-    return QuantizedModel(graph, recipe, layers, (args, kwargs), algorithm_that_runs(recipe), float_bytes, tree,
-                          kv_layers=kv_layers)
+        if calib is None and not prepared.kept_batches:
+            raise ValueError(f"kv_cache={recipe.kv_cache!r} calibrates static key and value scales: call the prepared "
+                             "model on calibration batches first (or pass calib=[batch, ...])")
+        kept = prepared.kept_batches
+        kv_calib = calib if calib is not None else lambda model: [model(*args, **kwargs) for args, kwargs in kept]
+        kv_layers = _quantize_kv_cache(graph, recipe.kv_cache, kv_calib, prepared.expected_call, progress)
+    prepared.kept_batches = []
+    return QuantizedModel(graph, recipe, layers, prepared.example, algorithms.describe(recipe), prepared.float_bytes,
+                          prepared.tree, kv_layers=kv_layers)
 
 
 def _quantize_kv_cache(graph, fmt: str, calib, expected: str, progress: bool) -> list:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 from typing import Any
 
@@ -30,14 +31,14 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from qcompile import calibration, numerics
+from qcompile import algorithms, calibration, numerics
 from qcompile.lowering import onednn
 from qcompile.lowering.activation_fusion import fuse_int8_activations
 from qcompile.lowering.shared_input import merge_shared_input_int8_linears
 from qcompile.passes.find_attention import find_attention
 from qcompile.passes.find_linears import LinearSite, find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
-from qcompile.convert import convert, needs_calibration, rows_to_keep, wants_hessian
+from qcompile.conversion import convert_linears
 from qcompile.passes.quantize_kv import KVReport, insert_kv_observers, quantize_kv, remove_kv_observers
 from qcompile.passes.quantize_linears import LayerReport
 from qcompile.recipes import RECIPES, Recipe, resolve_recipe
@@ -56,6 +57,8 @@ class _CompileState:
     """What the subgraphs of one `torch.compile` call share: calibration observers, keyed by weight tensor.
 
     torch.compile hands the same `options` dict to every backend call it makes, so the dict identifies the call.
+    It lives as long as the compiled model (its options dict): graphs compiled later (new shapes, after
+    `torch._dynamo.reset()`) are converted with the statistics calibrated once.
     """
 
     def __init__(self, options: dict | None):
@@ -67,11 +70,20 @@ class _CompileState:
 _STATES: dict[int, _CompileState] = {}
 
 
+def _prune_states() -> None:
+    """Forget the states of compiled models that are gone: the options dict that torch.compile's wrapper held is
+    referenced by nothing but its state (a dict takes no weak reference, hence the count)."""
+    for key, state in list(_STATES.items()):
+        if state.options is not None and sys.getrefcount(state.options) <= 2:  # the attribute and the argument
+            del _STATES[key]
+
+
 def _state_for(options: dict | None) -> _CompileState:
-    key = id(options)
-    if key not in _STATES or _STATES[key].options is not options:
-        _STATES[key] = _CompileState(options)
-    return _STATES[key]
+    _prune_states()
+    state = _STATES.get(id(options))
+    if state is None or state.options is not options:
+        state = _STATES[id(options)] = _CompileState(options)
+    return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,25 +136,24 @@ class QuantizedGraph:
         # calibration, outside the backend call, and without it inductor would specialize a dynamic graph to the
         # concrete shapes of example_inputs.
         self._tracing_context = torch._guards.TracingContext.try_get()
-        if (needs_calibration(options.recipe) or self.attentions) and not self._has_statistics():
-            if needs_calibration(options.recipe):
-                self._observers = insert_observers(
-                    gm, sites, keep_rows=rows_to_keep(options.recipe), hessian=wants_hessian(options.recipe)
-                )
+        self.needs = algorithms.needs(options.recipe)
+        if (self.needs.calibration or self.attentions) and not self._has_statistics():
+            if self.needs.calibration:  # sequential algorithms take their one-shot form: the batches cannot rerun
+                self._observers = insert_observers(gm, sites, keep_rows=self.needs.sampled_rows, hessian=self.needs.gram)
         else:
             self._convert()
 
     def _has_statistics(self) -> bool:
-        layers = not needs_calibration(self.options.recipe) or all(
+        layers = not self.needs.calibration or all(
             site.source in self.state.observers for site in self.sites)
         return layers and all((site.name, which) in self.state.kv_amax
                               for site in self.attentions for which in ("key", "value"))
 
     def _convert(self) -> None:
         observers = None
-        if needs_calibration(self.options.recipe):
+        if self.needs.calibration:
             observers = {site.name: self.state.observers[site.source] for site in self.sites}
-        self.layers = convert(self.gm, self.sites, self.options.recipe, observers, self.parameters)
+        self.layers = convert_linears(self.gm, self.sites, self.options.recipe, observers, self.parameters)
         if self.attentions:
             self._quantize_kv_cache()
         # qcompile's own INT8 kernel: activations into its calls, layers reading one tensor into one call (only where
@@ -164,6 +175,8 @@ class QuantizedGraph:
         else:
             compiled = self.gm.forward
         self._run = torch.no_grad()(compiled)  # quantized graphs are for inference: no autograd formulas
+        # what only conversion needed: the example call (activations of the first batch), the float weights' views
+        self.example_inputs, self.sites, self.parameters = [], [], {}
 
     def _quantize_kv_cache(self) -> None:
         missing = [site for site in self.attentions
@@ -210,7 +223,7 @@ class QuantizedGraph:
                 return self._run(*args)
             recipe = self.options.recipe
             why = "has static activation scales" if recipe.static_inputs else f"runs {recipe.algorithm} on calibration data"
-            if not needs_calibration(recipe):
+            if not self.needs.calibration:
                 why = f"quantizes the KV cache ({recipe.kv_cache}) with static scales"
             raise RuntimeError(
                 f"recipe {recipe.name!r} {why} and this model was never calibrated: run calibration batches inside "

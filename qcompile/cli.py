@@ -5,10 +5,15 @@
                       [--group-size N] [--exclude GLOB ...]
     qcompile export-onnx CHECKPOINT_DIR model.onnx [--opset 21] [--external-data auto|always|never]
                          [--int8-weights int8|uint8]
+    qcompile build-engine model.onnx model.engine [--shape NAME:MIN:OPT:MAX ...] [--workspace-gb N]
+                          [--timing-cache PATH] [--precision-constraints obey|prefer|none] [--weakly-typed]
+                          [--verbose]
     qcompile --version
 
 `MODEL_DIR` is a local Hugging Face model folder (config.json and weights; nothing is downloaded). `CHECKPOINT_DIR`
 is a folder written by `QuantizedModel.save`; it is exported with its own example call as in `qcompile.export_onnx`.
+`build-engine` builds a TensorRT engine from a QDQ ONNX file as `qcompile.build_engine` does (TensorRT installed
+separately: docs/tensorrt.md).
 Errors are one line on stderr (exit 2 for bad input, 1 for a failure on the way).
 """
 
@@ -76,7 +81,85 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-optimize", action="store_true", help="skip constant folding and cleanup of the graph")
     export.add_argument("--no-check", action="store_true", help="skip onnx.checker.check_model(full_check=True)")
     export.set_defaults(run=_export_onnx)
+
+    engine = commands.add_parser(
+        "build-engine",
+        help="build a TensorRT engine from a QDQ ONNX model",
+        description="Build a TensorRT engine with TensorRT's ONNX parser from a QDQ ONNX model written by "
+                    "qcompile.export_onnx(..., target='tensorrt'); needs TensorRT 10 and an NVIDIA GPU.",
+    )
+    engine.add_argument("onnx", type=Path, help="the .onnx file")
+    engine.add_argument("engine", type=Path, help="the engine file to write (replaced only when the build succeeds)")
+    engine.add_argument("--shape", action="append", default=None, metavar="NAME:MIN:OPT:MAX",
+                        help="the range of a dynamic input, each shape like 1x128 (NAME:SHAPE fixes it); repeat for "
+                             "each input with a dynamic dimension")
+    engine.add_argument("--workspace-gb", type=float, default=None, metavar="N",
+                        help="builder workspace limit in GiB (default: TensorRT's, the GPU's memory)")
+    engine.add_argument("--timing-cache", type=Path, default=None, metavar="PATH",
+                        help="timing cache file: read if it exists, written after the build")
+    engine.add_argument("--precision-constraints", choices=("obey", "prefer", "none"), default="none",
+                        help="obey or prefer layer precisions (with --weakly-typed; default: %(default)s)")
+    engine.add_argument("--weakly-typed", action="store_true",
+                        help="build a weakly typed network (default: strongly typed, the types of the ONNX file)")
+    engine.add_argument("--verbose", action="store_true", help="print TensorRT's whole log")
+    engine.set_defaults(run=_build_engine)
     return parser
+
+
+def _shape_spec(text: str) -> tuple[str, tuple]:
+    """`NAME:MIN:OPT:MAX` or `NAME:SHAPE` (shapes like 1x128) -> (name, (min, opt, max)); names may hold colons."""
+
+    def is_shape(part: str) -> bool:
+        return all(d.isascii() and d.isdigit() for d in part.split("x"))
+
+    def shape(part: str) -> tuple:
+        return tuple(int(d) for d in part.split("x"))
+
+    parts = text.split(":")
+    if len(parts) >= 4 and ":".join(parts[:-3]) and all(map(is_shape, parts[-3:])):
+        return ":".join(parts[:-3]), tuple(shape(p) for p in parts[-3:])
+    if len(parts) >= 2 and ":".join(parts[:-1]) and is_shape(parts[-1]):
+        return ":".join(parts[:-1]), (shape(parts[-1]),) * 3
+    raise ValueError(f"--shape {text!r}: expected NAME:MIN:OPT:MAX (each shape like 1x128) or NAME:SHAPE")
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    shapes = {}
+    try:
+        for spec in args.shape or ():
+            name, triple = _shape_spec(spec)
+            if name in shapes:
+                raise ValueError(f"--shape gives input {name!r} twice")
+            shapes[name] = triple
+    except ValueError as error:
+        print(f"qcompile: {error}", file=sys.stderr)
+        return 2
+    if not args.onnx.is_file():
+        print(f"qcompile: {args.onnx} is not a file", file=sys.stderr)
+        return 2
+    if args.workspace_gb is not None and not args.workspace_gb > 0:
+        print("qcompile: --workspace-gb must be positive", file=sys.stderr)
+        return 2
+    import qcompile
+    from qcompile.tensorrt import EngineBuildError
+
+    started = time.perf_counter()
+    print(f"building a TensorRT engine from {args.onnx}", flush=True)
+    constraints = None if args.precision_constraints == "none" else args.precision_constraints
+    try:
+        path = qcompile.build_engine(
+            args.onnx, args.engine, shapes=shapes or None,
+            workspace_bytes=None if args.workspace_gb is None else int(args.workspace_gb * 2**30),
+            timing_cache=args.timing_cache, precision_constraints=constraints,
+            strongly_typed=not args.weakly_typed, verbose=args.verbose)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"qcompile: {error}", file=sys.stderr)
+        return 2
+    except (EngineBuildError, ImportError, OSError) as error:
+        print(f"qcompile: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
+    return 0
 
 
 def _export_onnx(args: argparse.Namespace) -> int:

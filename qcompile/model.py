@@ -72,8 +72,13 @@ class QuantizedModel(nn.Module):
         self._build_graph_variants()
 
     def _build_graph_variants(self) -> None:
-        self._build_frozen_graph()
-        self._build_inference_graph()
+        """The CPU forms of the graph that calls pick from (`qcompile.lowering.cpu.graph_variants`)."""
+        from qcompile.lowering.cpu.graph_variants import cpu_graphs
+
+        variants = cpu_graphs(self.graph_module, self._graph_copy)
+        object.__setattr__(self, "_fused_graph_module", variants.fused)
+        object.__setattr__(self, "_inference_graph_module", variants.eager)
+        object.__setattr__(self, "_frozen_graph_module", variants.frozen)
 
     def _graph_copy(self, source: fx.GraphModule | None = None) -> fx.GraphModule:
         """A copy of the graph of `source` (default `graph_module`) over `graph_module`'s tensors, for a variant
@@ -83,44 +88,6 @@ class QuantizedModel(nn.Module):
         graph._codegen = source.graph._codegen  # the calling convention (pytree specs), shared
         graph.output(graph.graph_copy(source.graph, {}))
         return fx.GraphModule(self.graph_module, graph)
-
-    def _build_inference_graph(self) -> None:
-        """The graphs that calls without autograd run when every tensor is on the CPU.
-
-        In both, where qcompile's own INT8 kernel runs the layers, a GELU or SiLU after an INT8 layer runs in the
-        layer's kernel call (`qcompile.lowering.activation_fusion`) and INT8 layers that read one tensor share one
-        call (`qcompile.lowering.shared_input`): `_fused_graph_module` (None when nothing changed) is what
-        `torch.compile(qm)` traces without freezing. Eager calls run `_inference_graph_module`, where the
-        quantized linears also call the ops' autograd-free twins (`qcompile::cpu_int8_linear`, ...; see
-        `qcompile.lowering.cpu`), which skip the public ops' Python autograd layer (measured ~30 us a call, a tenth
-        of a small batch's time); compiled graphs keep the public ops, which inductor decomposes itself."""
-        from qcompile.lowering import cpu
-        from qcompile.lowering.activation_fusion import fuse_int8_activations
-        from qcompile.lowering.shared_input import merge_shared_input_int8_linears
-
-        fused = eager = None
-        tensors = [*self.graph_module.parameters(), *self.graph_module.buffers()]
-        if all(t.device.type == "cpu" for t in tensors):
-            fused = self._graph_copy()
-            changed = fuse_int8_activations(fused) + merge_shared_input_int8_linears(fused)
-            fused = fused if changed else None
-            # the eager graph: the fused one (or the original) with the remaining public ops on their twins
-            eager, twins = self._graph_copy(fused), cpu.kernel_call_ops()
-            calls = [node for node in eager.graph.nodes if node.op == "call_function" and node.target in twins]
-            for node in calls:
-                node.target = twins[node.target]
-            eager.recompile()
-            eager = eager if changed or calls else None
-        object.__setattr__(self, "_fused_graph_module", fused)
-        object.__setattr__(self, "_inference_graph_module", eager)
-
-    def _build_frozen_graph(self) -> None:
-        """The graph that `torch.compile(qm)` traces when inductor freezes: INT8 layers on the CPU in the pattern
-        inductor prepacks for oneDNN (`qcompile.lowering.onednn`)."""
-        from qcompile.lowering import onednn
-
-        variant = self._graph_copy()
-        object.__setattr__(self, "_frozen_graph_module", variant if onednn.rewrite_int8_linears(variant) else None)
 
     def _apply(self, fn, *args, **kwargs):
         """.to() / .cuda() / .half() replace the tensors. Quantized weights and their scales keep their dtype
@@ -417,17 +384,16 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 def _quantization_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     """The tensors of the quantized layers' formats (codes, scales, input scales, input multipliers): they keep
     their dtype when the model's is changed."""
-    from qcompile.ops import QUANTIZED_LINEAR_OPS
+    from qcompile.ops import QUANTIZED_LINEAR_OPS, op_arguments
 
     tensors = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in QUANTIZED_LINEAR_OPS:
-            names = [a.name for a in node.target._schema.arguments]
-            for name, arg in zip(names, node.args):
+            for name, arg in op_arguments(node).items():
                 if name not in ("x", "bias") and isinstance(arg, fx.Node) and arg.op == "get_attr":
                     tensors.append(gm.get_buffer(str(arg.target)))
         elif node.op == "call_function" and node.target is torch.ops.qcompile.kv_round_trip.default:
-            tensors.append(gm.get_buffer(str(node.args[1].target)))
+            tensors.append(gm.get_buffer(str(op_arguments(node)["scale"].target)))
         elif node.op == "get_attr" and str(node.target).endswith(("_inverse_scale", "input_multiplier")):
             tensors.append(gm.get_buffer(str(node.target)))
     return tensors
@@ -524,7 +490,7 @@ def _recipe_to_json(recipe: Recipe) -> dict:
 
     return {"name": recipe.name, "weights": spec(recipe.weights), "inputs": spec(recipe.inputs),
             "algorithm": recipe.algorithm, "exclude": list(recipe.exclude), "kv_cache": recipe.kv_cache,
-            "alpha": recipe.alpha, "explicit_input_scales": recipe.explicit_input_scales}
+            "options": dict(recipe.options), "explicit_input_scales": recipe.explicit_input_scales}
 
 
 def _recipe_from_json(data: dict) -> Recipe:
@@ -536,8 +502,11 @@ def _recipe_from_json(data: dict) -> Recipe:
             d["block_size"] = tuple(d["block_size"])
         return QuantSpec(**d)
 
+    options = data.get("options", {})
+    if "alpha" in data and data["algorithm"] == "smoothquant":  # written before algorithms had options
+        options = {"alpha": data["alpha"]}
     return Recipe(spec(data["weights"]), spec(data["inputs"]), data["algorithm"], tuple(data["exclude"]),
-                  data["kv_cache"], data["name"], data.get("alpha", 0.5), data.get("explicit_input_scales", True))
+                  data["kv_cache"], data["name"], options, data.get("explicit_input_scales", True))
 
 
 def _example_to_json(args: tuple, kwargs: dict):

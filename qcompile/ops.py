@@ -18,10 +18,10 @@ import inductor.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from qcompile.lowering import ensure_registered
 from qcompile.lowering import torch_reference as ref
@@ -192,3 +192,10 @@ QUANTIZED_LINEAR_OPS = (
     torch.ops.qcompile.int4_linear.default,
     torch.ops.qcompile.nvfp4_linear.default,
 )
+
+
+def op_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a node calling a `qcompile::` op (or any op overload), by their schema names: graph passes
+    read `x`, `weight`, `input_scale`, ... by name, not by position."""
+    names = [argument.name for argument in node.target._schema.arguments]
+    return {**dict(zip(names, node.args)), **node.kwargs}

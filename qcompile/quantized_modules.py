@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
-from qcompile.ops import QUANTIZED_LINEAR_OPS
+from qcompile.ops import QUANTIZED_LINEAR_OPS, op_arguments
 from qcompile.passes.quantize_linears import LAYER_NAME
 from qcompile.passes.smoothquant import INPUT_MULTIPLIER, REPLACES
 
@@ -107,9 +107,7 @@ def build_quantized_tree(tree: nn.Module, gm: fx.GraphModule) -> nn.Module:
                 f"layer {layer!r} is a {type(original).__name__}, not a linear module; its quantized form runs in the "
                 "captured graph only (exclude it to generate with this model)"
             )
-        schema = node.target._schema.arguments
-        values = dict(zip((a.name for a in schema), node.args))
-        values.update(node.kwargs)
+        values = op_arguments(node)
         x = values.pop("x")
         multiplier = None
         if isinstance(x, fx.Node) and INPUT_MULTIPLIER in x.meta:

@@ -10,10 +10,9 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
-from qcompile import formats
+from qcompile import algorithms, formats
 
 GRANULARITIES = ("tensor", "channel", "token", "group", "block")
-ALGORITHMS = ("max", "smoothquant", "awq", "gptq")
 KV_CACHE_FORMATS = ("fp8", "nvfp4")
 
 # Module names never quantized unless the user says otherwise: the output head and embeddings are small in
@@ -62,20 +61,21 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     kv_cache: str | None = None
     name: str = "custom"
-    # SmoothQuant migration strength in [0, 1], or "search" to pick it per layer by output error.
-    alpha: float | str = 0.5
+    # The algorithm's options over its defaults (`qcompile.algorithms`: SmoothQuant's alpha, a number in [0, 1] or
+    # "search", and its grid; AWQ's grids; GPTQ's block size, damping, scale ratios, act_order). A dict, kept as
+    # sorted (name, value) pairs so that recipes stay hashable.
+    options: tuple = ()
     # Where a SmoothQuant/AWQ scale has no earlier op to fold into (the output projection of attention with grouped
     # heads, a down projection after a non-linear gate): divide the input explicitly (True), or leave that layer
     # unscaled (False), which checkpoint formats without a per-layer input scale (compressed-tensors) need.
     explicit_input_scales: bool = True
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
+        algorithm = algorithms.get(self.algorithm)
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
             raise ValueError(f"unknown kv_cache {self.kv_cache!r}; valid values: None, {', '.join(KV_CACHE_FORMATS)}")
-        if self.alpha != "search" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"alpha must be a number in [0, 1] or 'search', not {self.alpha!r}")
+        object.__setattr__(self, "options", _frozen_options(self.options))
+        algorithm.check(algorithms.options(self))
         if self.weights.dynamic:
             raise ValueError("weights are quantized once, ahead of time: QuantSpec.dynamic must be False for weights")
         self._check_granularity(self.weights, "weights", formats.get(self.weights.format).weight_granularities)
@@ -102,6 +102,12 @@ class Recipe:
         return any(fnmatch.fnmatchcase(layer_name, pattern) for pattern in self.exclude)
 
 
+def _frozen_options(options) -> tuple:
+    """A dict (or pairs) of options as sorted (name, value) pairs, lists as tuples."""
+    items = options.items() if isinstance(options, dict) else options
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in items))
+
+
 def _int4_groups(fmt: str = "int4") -> QuantSpec:
     return QuantSpec(fmt, "group", block_size=128)
 
@@ -115,7 +121,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe(_FP8_TENSOR, _FP8_TENSOR, "max", name="fp8"),
         Recipe(QuantSpec("fp8_e4m3", "channel"), QuantSpec("fp8_e4m3", "token", dynamic=True), "max", name="fp8_dynamic"),
         Recipe(QuantSpec("fp8_e4m3", "block", block_size=(128, 128)), None, "max", name="fp8_block"),
-        Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "tensor"), "smoothquant", name="int8_sq", alpha="search"),
+        Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "tensor"), "smoothquant", name="int8_sq",
+               options={"alpha": "search"}),
         Recipe(QuantSpec("int8", "channel"), QuantSpec("int8", "token", dynamic=True), "max", name="int8_dynamic"),
         Recipe(_int4_groups(), None, "awq", name="int4_awq"),
         Recipe(_int4_groups(), _FP8_TENSOR, "awq", name="w4a8_awq"),

@@ -102,7 +102,7 @@ def simulates_exactly(name: str) -> bool:
     """The simulation models max calibration; SmoothQuant/AWQ/GPTQ, once they run, change weights and scales."""
     import qcompile
 
-    return qcompile.algorithm_that_runs(recipe_for(name)).startswith("max")
+    return qcompile.algorithms.describe(recipe_for(name)).startswith("max")
 
 
 class SimLinear(nn.Module):

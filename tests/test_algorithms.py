@@ -24,17 +24,20 @@ import qcompile as qc
 from qcompile import numerics
 from qcompile.calibration import run_calibration
 from qcompile.capture import capture
-from qcompile.convert import SEARCH_ROWS, algorithm_that_runs
+from qcompile.algorithms import ALGORITHMS, SEARCH_ROWS
+from qcompile.algorithms import describe as algorithm_that_runs
 from qcompile.passes import awq, gptq
 from qcompile.passes.find_linears import find_linears
 from qcompile.passes.insert_observers import insert_observers, remove_observers
-from qcompile.passes.materialize_weights import materialize_weights
 from qcompile.passes.quantize_linears import grouped_padded
 from qcompile.passes.smoothquant import migrate_scale, shared_input_groups, smooth_linears
 from qcompile.recipes import QuantSpec
 from simulation import bert_batch, primary_output, rel, tiny_bert, tiny_llama, token_batch
 
 INT4 = QuantSpec("int4", "group", block_size=128)
+# the algorithms' default options (qcompile.algorithms)
+AWQ_GRID, CLIP_RATIOS = ALGORITHMS["awq"].defaults["alpha_grid"], ALGORITHMS["awq"].defaults["clip_ratios"]
+GPTQ = ALGORITHMS["gptq"].defaults
 
 
 def _call(model, batch):
@@ -93,6 +96,27 @@ def norm_batch(seed: int, rows: int = 4, seq: int = 8, width: int = 48):
     x = torch.randn(rows, seq, width, generator=g)
     x[..., 5] *= 30.0  # an outlier channel, so the scales are far from 1
     return x
+
+
+def materialize_weights(gm, sites):
+    """Each site's current float weight written back into the graph as a plain `aten.linear`: the float graph that a
+    scale-migrating pass (SmoothQuant, AWQ) implies, which must compute what the original graph computed."""
+    from qcompile.passes.find_linears import refresh_input
+
+    for index, site in enumerate(sites):
+        refresh_input(site)
+        name = f"_qc_float_weight_{index}"
+        gm.register_buffer(name, site.weight.detach().contiguous())
+        with gm.graph.inserting_before(site.node):
+            weight = gm.graph.get_attr(name)
+            linear = gm.graph.call_function(torch.ops.aten.linear.default, (site.input, weight, site.bias))
+        linear.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        site.node.replace_all_uses_with(linear)
+        gm.graph.erase_node(site.node)
+        site.node, site.weight_node = linear, weight
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _calibrated(model, batches, keep_rows=SEARCH_ROWS):
@@ -182,7 +206,7 @@ def test_scaled_float_graph_equals_the_original(fold_cases, model_name, algorith
     if algorithm == "smoothquant":
         smooth_linears(gm, sites, observers, 0.5)
     else:  # scale search only: clipping moves weights on purpose
-        awq.awq_linears(gm, sites, observers, _fake_int4, _identity_input, INT4, clip_ratios=())
+        awq.awq_linears(gm, sites, observers, _fake_int4, _identity_input, INT4, alpha_grid=AWQ_GRID, clip_ratios=())
     assert any(not torch.equal(b, site.weight) for b, site in zip(before, sites)), "nothing was scaled"
     materialize_weights(gm, sites)
     assert rel(_output(gm, x), y) < 1e-5
@@ -261,9 +285,9 @@ def test_awq_searches_help_on_their_own():
     sample = torch.cat(calib)
     w = model[0].weight.detach()
     scale, alpha = awq.search_scale(sample, sample.abs().mean(0), sample.abs().amax(0), [w], _fake_int4,
-                                    _identity_input, 128)
+                                    _identity_input, 128, AWQ_GRID)
     assert scale is not None and alpha is not None
-    clipped = awq.search_clip(w, sample, _fake_int4, 128)
+    clipped = awq.search_clip(w, sample, _fake_int4, 128, CLIP_RATIOS)
     assert (clipped.abs() <= w.abs() + 1e-7).all()
 
     def output_error(weight, xs=sample):
@@ -293,8 +317,8 @@ def test_awq_clip_on_the_second_moment_is_the_clip_on_the_rows():
     g = torch.Generator().manual_seed(6)
     x = salient_batch(7, rows=512)
     w = torch.randn(96, 256, generator=g)
-    on_rows = awq.search_clip(w, x, _fake_int4, 128)
-    on_moment = awq.search_clip(w, None, _fake_int4, 128, moment=x.t() @ x / len(x))
+    on_rows = awq.search_clip(w, x, _fake_int4, 128, CLIP_RATIOS)
+    on_moment = awq.search_clip(w, None, _fake_int4, 128, CLIP_RATIOS, moment=x.t() @ x / len(x))
     same_groups = (grouped_padded(on_rows, 128) == grouped_padded(on_moment, 128)).all(dim=2).float().mean().item()
     assert not torch.equal(on_rows, w) and same_groups > 0.99, same_groups
 
@@ -303,8 +327,8 @@ def test_awq_scale_on_the_second_moment_is_the_scale_on_the_rows():
     x = salient_batch(8, rows=512)
     w = torch.randn(192, 256, generator=torch.Generator().manual_seed(9))
     args = (x.abs().mean(0), x.abs().amax(0), [w], _fake_int4)
-    scale_rows, alpha_rows = awq.search_scale(x, *args, None, 128)
-    scale_moment, alpha_moment = awq.search_scale(None, *args, None, 128, moment=x.t() @ x / len(x))
+    scale_rows, alpha_rows = awq.search_scale(x, *args, None, 128, AWQ_GRID)
+    scale_moment, alpha_moment = awq.search_scale(None, *args, None, 128, AWQ_GRID, moment=x.t() @ x / len(x))
     assert alpha_rows is not None and alpha_rows == alpha_moment
 
 
@@ -314,7 +338,7 @@ def test_awq_nvfp4_clipping_keeps_the_global_scale():
     x = salient_batch(10, rows=256)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(11))
     fake = lambda t: numerics.dequantize_nvfp4(numerics.quantize_nvfp4(t))  # noqa: E731
-    clipped = awq.search_clip(w, None, fake, 16, moment=x.t() @ x / len(x), tensor_scale=True)
+    clipped = awq.search_clip(w, None, fake, 16, CLIP_RATIOS, moment=x.t() @ x / len(x), tensor_scale=True)
     assert not torch.equal(clipped, w)
     assert numerics.quantize_nvfp4(clipped).global_scale == numerics.quantize_nvfp4(w).global_scale
 
@@ -338,8 +362,9 @@ def test_gptq_beats_round_to_nearest_and_stores_its_own_codes(fmt, act_order, se
     w = torch.randn(64, 320, generator=g)  # 320 inputs: two full groups and a padded one
     x = correlated_inputs(1024, 320, 4)
     hessian = 2 * x.t() @ x / len(x)
-    ratios = gptq.SCALE_RATIOS if search else (1.0,)
-    quantized = gptq.gptq_weight(w, hessian, spec, act_order=act_order, scale_ratios=ratios)
+    ratios = GPTQ["scale_ratios"] if search else (1.0,)
+    quantized = gptq.gptq_weight(w, hessian, spec, block_size=GPTQ["block_size"], damping=GPTQ["damping"],
+                                  act_order=act_order, scale_ratios=ratios)
     rtn = numerics.dequantize_int4(numerics.quantize_int4(w, 128, bits=bits))
     error = (x @ (w - quantized).t()).norm()
     error_rtn = (x @ (w - rtn).t()).norm()
@@ -353,7 +378,8 @@ def test_gptq_beats_round_to_nearest_and_stores_its_own_codes(fmt, act_order, se
 def test_gptq_singular_hessian_falls_back_to_round_to_nearest():
     w = torch.randn(16, 64)
     with pytest.warns(RuntimeWarning, match="layer 'blocks.3.fc'.*round-to-nearest"):
-        out = gptq.gptq_weight(w, torch.zeros(64, 64), INT4, name="blocks.3.fc")
+        out = gptq.gptq_weight(w, torch.zeros(64, 64), INT4, name="blocks.3.fc", block_size=GPTQ["block_size"],
+                               damping=GPTQ["damping"])
     assert torch.equal(out, numerics.dequantize_int4(numerics.quantize_int4(w, 128)))
 
 

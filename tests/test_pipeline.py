@@ -100,7 +100,7 @@ def error_bound(model_name: str, recipe: str) -> float:
 def assert_algorithm_reported(qm, name: str) -> None:
     """The model says which algorithm ran: the recipe's own, or max calibration with a note that it is missing."""
     recipe = recipe_for(name)
-    assert qm.algorithm == qc.algorithm_that_runs(recipe)
+    assert qm.algorithm == qc.algorithms.describe(recipe)
     assert qm.algorithm.split(" ")[0] == recipe.algorithm or qm.algorithm == f"max ({recipe.algorithm} not available yet)"
 
 

@@ -10,6 +10,8 @@ import re
 import torch
 from torch import nn
 
+from qcompile.ops import op_arguments
+
 from .errors import OnnxExportError, UntranslatableOpError
 
 _QCOMPILE_NAMESPACE = "qcompile"
@@ -77,14 +79,20 @@ def _layer_of(node) -> str:
     return "?"
 
 
+def _where(node) -> str:
+    """How errors name a node: its name, its op and the layer it belongs to."""
+    return f"node {node.name!r} ({node.target}, layer {_layer_of(node)!r})"
+
+
 def _check_translatable(nodes: list, table: dict) -> None:
     """Every qcompile op must have a translation; activation formats are checked here, before any tracing."""
     supported_inputs = {"none", "int8", "fp8_e4m3", "nvfp4"}
     for node in nodes:
-        where = f"node {node.name!r} ({node.target}, layer {_layer_of(node)!r})"
+        where = _where(node)
         if node.target not in table:
             raise UntranslatableOpError(f"{where} has no ONNX translation")
-        input_scale, fmt, granularity = node.args[-3], node.args[-2], node.args[-1]
+        args = op_arguments(node)
+        input_scale, fmt, granularity = args["input_scale"], args["input_format"], args["input_granularity"]
         if fmt not in supported_inputs:
             raise UntranslatableOpError(f"{where}: activation format {fmt!r} has no ONNX pattern")
         if fmt in ("int8", "fp8_e4m3") and input_scale is None and granularity not in ("token", "tensor"):
