@@ -34,8 +34,9 @@ def dequantize_fp8_weight(weight, weight_scale, block_size):
     return numerics.dequantize_fp8(numerics.FP8Tensor(weight, weight_scale, block_size or None))
 
 
-def dequantize_int4_weight(packed, scale, zero_point, group_size, bits, in_features):
-    return numerics.dequantize_int4(numerics.Int4Tensor(packed, scale, zero_point, group_size, bits, in_features))
+def dequantize_int4_weight(packed, scale, zero_point, group_size, bits, in_features, fp8_scale=None):
+    return numerics.dequantize_int4(numerics.Int4Tensor(packed, scale, zero_point, group_size, bits, in_features,
+                                                        fp8_scale))
 
 
 def dequantize_nvfp4_weight(packed, block_scale, global_scale, in_features):
@@ -53,9 +54,10 @@ def fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_for
 
 
 def int4_linear(
-    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
+    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity,
+    fp8_scale=None,
 ):
-    w = dequantize_int4_weight(packed, scale, zero_point, group_size, bits, in_features)
+    w = dequantize_int4_weight(packed, scale, zero_point, group_size, bits, in_features, fp8_scale)
     return _linear(quantize_input(x, input_format, input_granularity, input_scale), w, bias, x.dtype)
 
 

@@ -67,15 +67,15 @@ def static_input_scale(fmt: str, amax: Tensor) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def shares_weight_scale(spec: QuantSpec) -> bool:
-    """Formats with one scale for the whole weight (FP8/INT8 per tensor, NVFP4's global scale): engines that run
-    layers reading one input as one GEMM (q/k/v, gate/up) keep one such scale for the group."""
-    return formats.FORMATS[spec.format].shared_tensor_scale(spec.granularity)
+def shares_weight_scale(spec: QuantSpec, through_fp8: bool = False) -> bool:
+    """Formats with one scale for the whole weight (FP8/INT8 per tensor, NVFP4's global scale, W4A8's FP8 scale):
+    engines that run layers reading one input as one GEMM (q/k/v, gate/up) keep one such scale for the group."""
+    return through_fp8 or formats.FORMATS[spec.format].shared_tensor_scale(spec.granularity)
 
 
-def group_weight_amax(sites: list[LinearSite], spec: QuantSpec) -> dict[str, Tensor]:
+def group_weight_amax(sites: list[LinearSite], spec: QuantSpec, through_fp8: bool = False) -> dict[str, Tensor]:
     """{layer name: the largest |w| over its shared-input group}, for formats that share the weight's scale."""
-    if not shares_weight_scale(spec):
+    if not shares_weight_scale(spec, through_fp8):
         return {}
     shared = {}
     for group in shared_input_groups(sites):
@@ -85,29 +85,36 @@ def group_weight_amax(sites: list[LinearSite], spec: QuantSpec) -> dict[str, Ten
 
 
 def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype | None = None,
-                     group_amax: Tensor | None = None) -> tuple[dict[str, Tensor], dict, Tensor]:
+                     group_amax: Tensor | None = None, through_fp8: bool = False
+                     ) -> tuple[dict[str, Tensor], dict, Tensor]:
     """Quantized tensors to store, the op's integer arguments, and the dequantized weight (for SQNR).
     `model_dtype`: the dtype the layer's weight had in the model (default: `weight`'s; algorithms hand float32).
-    `group_amax`: for per-tensor scales, the amax they are computed from (the layer's fused group's)."""
+    `group_amax`: for per-tensor scales, the amax they are computed from (the layer's fused group's).
+    `through_fp8`: W4A8's integer weights, rounded through FP8 (`formats.weights_through_fp8`)."""
     model_dtype = weight.dtype if model_dtype is None else model_dtype
     fmt = formats.get(spec.format)
     if spec.granularity not in fmt.weight_granularities and fmt.fixed_block is None:
         raise NotImplementedError(f"{spec.format} weights are quantized per {' or '.join(fmt.weight_granularities)}, "
                                   f"not per {spec.granularity!r}")
-    return fmt.quantize_weight(weight, spec, model_dtype, group_amax)
+    return fmt.quantize_weight(weight, spec, model_dtype, group_amax, through_fp8)
 
 
-def fake_quantize_weight(weight: Tensor, spec: QuantSpec) -> Tensor:
+def fake_quantize_weight(weight: Tensor, spec: QuantSpec, through_fp8: bool = False) -> Tensor:
     """The weight as the recipe stores it, dequantized to float32 (for the algorithms' error searches).
 
     Symmetric INT4/INT3 groups and NVFP4 take a direct path that skips packing the codes into nibbles and
     unpacking them again (the searches call this hundreds of times per layer); it gives the same float32 values
     bit for bit (tests/test_algorithms.py checks it against the stored path)."""
     if spec.format in ("int4", "int3") and spec.granularity == "group" and spec.symmetric and weight.dim() == 2:
-        return _fake_quantize_int_groups(weight, int(spec.block_size), spec.bits)
+        dequantized = _fake_quantize_int_groups(weight, int(spec.block_size), spec.bits)
+        if through_fp8:  # as numerics.dequantize_int4 with fp8_scale=amax(w)/448
+            scale = numerics.nonzero_scale(numerics.exact_div(weight.detach().float().abs().amax(), numerics.FP8_E4M3_MAX))
+            dequantized = (dequantized / scale).clamp(-numerics.FP8_E4M3_MAX, numerics.FP8_E4M3_MAX).to(
+                torch.float8_e4m3fn).to(torch.float32) * scale
+        return dequantized
     if spec.format == "nvfp4" and weight.dim() >= 1:
         return _fake_quantize_nvfp4(weight)
-    return _quantize_weight(weight, spec)[2]
+    return _quantize_weight(weight, spec, through_fp8=through_fp8)[2]
 
 
 def grouped_padded(w: Tensor, group: int) -> Tensor:
@@ -190,10 +197,11 @@ def quantize_linears(
     for site in sites:
         refresh_input(site)
         numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
-    shared_amax = group_weight_amax(sites, recipe.weights)
+    through_fp8 = formats.weights_through_fp8(recipe.weights, recipe.inputs)
+    shared_amax = group_weight_amax(sites, recipe.weights, through_fp8)
     for site in sites:
         tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights, site.source.dtype,
-                                                          shared_amax.get(site.name))
+                                                          shared_amax.get(site.name), through_fp8)
         prefix = _attribute_prefix(site.name)
         attr_nodes = {}
         with gm.graph.inserting_before(site.node):
@@ -220,6 +228,8 @@ def quantize_linears(
                 "none" if input_spec is None else input_spec.format,
                 "tensor" if input_spec is None else input_spec.granularity,
             )
+            if "fp8_scale" in attr_nodes:  # W4A8's per-tensor FP8 scale: the int4 op's last argument
+                args = (*args, attr_nodes["fp8_scale"])
             new_node = gm.graph.call_function(formats.linear_op(recipe.weights.format), args)
         new_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("val", "example_value", "tensor_meta", "stack_trace", "nn_module_stack")})
         new_node.meta[LAYER_NAME] = site.name

@@ -134,9 +134,11 @@ def describe(recipe, sequential: bool = True) -> str:
 
 
 def _weight_quantizer(recipe):
+    from qcompile.formats import weights_through_fp8
     from qcompile.passes.quantize_linears import fake_quantize_weight
 
-    return lambda w: fake_quantize_weight(w, recipe.weights)
+    through_fp8 = weights_through_fp8(recipe.weights, recipe.inputs)
+    return lambda w: fake_quantize_weight(w, recipe.weights, through_fp8)
 
 
 def input_fake_quantizer(recipe):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, fx
 
-from qcompile import algorithms
+from qcompile import algorithms, formats
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver
 from qcompile.passes.quantize_linears import LayerReport, _sqnr_db, fake_quantize_weight, quantize_linears
@@ -81,6 +81,7 @@ def convert_linears(
         if site.name in fallbacks:
             report.calibration = "no tokens routed here: max weights, input range of its sibling experts"
         if site.name in references:
-            dequantized = fake_quantize_weight(site.weight.detach(), recipe.weights)
+            dequantized = fake_quantize_weight(site.weight.detach(), recipe.weights,
+                                               formats.weights_through_fp8(recipe.weights, recipe.inputs))
             report.weight_sqnr_db = _sqnr_db(references[site.name].detach(), dequantized)
     return reports

@@ -54,13 +54,15 @@ class Format:
         return bool(self.input_granularities)
 
 
-def _int8_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None) -> QuantizedWeight:
+def _int8_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None,
+                 through_fp8: bool = False) -> QuantizedWeight:
     scale = None if group_amax is None else numerics.nonzero_scale(numerics.exact_div(group_amax, numerics.INT8_MAX))
     t = numerics.quantize_int8(weight, spec.granularity, scale=scale)
     return {"weight": t.q, "weight_scale": t.scale}, {}, numerics.dequantize_int8(t)
 
 
-def _fp8_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None) -> QuantizedWeight:
+def _fp8_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None,
+                through_fp8: bool = False) -> QuantizedWeight:
     block = 0
     if spec.granularity == "block":
         rows, cols = spec.block_size if isinstance(spec.block_size, tuple) else (spec.block_size,) * 2
@@ -73,19 +75,27 @@ def _fp8_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tens
     return {"weight": t.q, "weight_scale": t.scale}, {"block_size": block}, numerics.dequantize_fp8(t)
 
 
-def _int_group_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None) -> QuantizedWeight:
+def _int_group_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None,
+                      through_fp8: bool = False) -> QuantizedWeight:
     # a bf16/fp16 model's engines keep group scales in its dtype: codes are computed from the rounded scales
     scale_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
     bits = FORMATS[spec.format].element_bits
-    t = numerics.quantize_int4(weight, spec.block_size, symmetric=spec.symmetric, bits=bits, scale_dtype=scale_dtype)
+    # W4A8: the per-tensor FP8 scale from the fused group's amax (engines keep one per group), or the layer's own
+    fp8_scale = (True if group_amax is None else numerics.exact_div(group_amax, numerics.FP8_E4M3_MAX)) \
+        if through_fp8 else None
+    t = numerics.quantize_int4(weight, spec.block_size, symmetric=spec.symmetric, bits=bits, scale_dtype=scale_dtype,
+                               fp8_scale=fp8_scale)
     tensors = {"packed": t.packed, "scale": t.scale}
     if t.zero_point is not None:
         tensors["zero_point"] = t.zero_point
+    if t.fp8_scale is not None:
+        tensors["fp8_scale"] = t.fp8_scale
     args = {"group_size": t.group_size, "bits": t.bits, "in_features": t.in_features}
     return tensors, args, numerics.dequantize_int4(t)
 
 
-def _nvfp4_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None) -> QuantizedWeight:
+def _nvfp4_weight(weight: Tensor, spec, model_dtype: torch.dtype, group_amax: Tensor | None,
+                  through_fp8: bool = False) -> QuantizedWeight:
     global_scale = None if group_amax is None else \
         numerics.nonzero_scale(numerics.exact_div(group_amax, FORMATS["nvfp4"].static_divisor))
     t = numerics.quantize_nvfp4(weight, global_scale=global_scale)
@@ -115,6 +125,14 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 )}
 
 
+def weights_through_fp8(weights, inputs) -> bool:
+    """Integer group weights multiplied with FP8 activations (W4A8): the FP8 GEMM takes the weight as FP8 values,
+    code x group scale rounded through FP8 under a per-tensor scale (docs/formats.md#w4a8), which engines fusing
+    layers that read one input keep one of per group."""
+    return (inputs is not None and inputs.format == "fp8_e4m3"
+            and FORMATS[weights.format].integer and FORMATS[weights.format].weight_granularities == ("group",))
+
+
 def get(name: str) -> Format:
     try:
         return FORMATS[name]
@@ -129,4 +147,4 @@ def linear_op(name: str):
     return getattr(torch.ops.qcompile, FORMATS[name].op).default
 
 
-__all__ = ["FORMATS", "Format", "QuantizedWeight", "get", "linear_op"]
+__all__ = ["FORMATS", "Format", "QuantizedWeight", "get", "linear_op", "weights_through_fp8"]

@@ -73,6 +73,8 @@ class Int4Tensor:
     group_size: int
     bits: int  # 4, or 3 for the INT3 accuracy-study variant
     in_features: int  # true K before padding
+    # W4A8 (docs/formats.md#w4a8): the per-tensor scale through which code x group scale is rounded to FP8
+    fp8_scale: Optional[Tensor] = None  # float32, shape []
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,7 +258,8 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
 
 
 def quantize_int4(
-    w: Tensor, group_size: int = 128, symmetric: bool = True, bits: int = 4, scale_dtype: torch.dtype | None = None
+    w: Tensor, group_size: int = 128, symmetric: bool = True, bits: int = 4, scale_dtype: torch.dtype | None = None,
+    fp8_scale: ScaleLike | bool = None,
 ) -> Int4Tensor:
     """Group-wise INT4 (or INT3 with bits=3) along the last axis, packed two codes per byte.
 
@@ -264,6 +267,8 @@ def quantize_int4(
     Asymmetric: range [min(min,0), max(max,0)], scale = range/15 (INT3: /7), q and zero point unsigned.
     `scale_dtype` (bfloat16 or float16): the scales are first rounded to that dtype (engines keep group scales in
     the model's dtype) and the codes computed from the rounded scales; the scales stay stored as float32.
+    `fp8_scale` (W4A8): True for amax(w)/448, or a static per-tensor scale; the dequantized weight is then rounded
+    through FP8 with it (`dequantize_int4`).
     """
     if bits not in (3, 4):
         raise ValueError(f"bits must be 3 or 4, got {bits!r}")
@@ -297,8 +302,13 @@ def quantize_int4(
         zero_point = zp.to(torch.uint8)
 
     packed = pack_nibbles(codes.reshape(wp.shape))
+    second = None
+    if fp8_scale is True:
+        second = nonzero_scale(exact_div(_amax_all(wf), FP8_E4M3_MAX))
+    elif fp8_scale is not None and fp8_scale is not False:
+        second = _static_scale(fp8_scale, wf.device, "fp8_scale")
     return Int4Tensor(
-        packed=packed, scale=scale, zero_point=zero_point, group_size=g, bits=bits, in_features=k
+        packed=packed, scale=scale, zero_point=zero_point, group_size=g, bits=bits, in_features=k, fp8_scale=second
     )
 
 
@@ -320,6 +330,9 @@ def dequantize_int4(t: Int4Tensor, dtype: torch.dtype = torch.float32) -> Tensor
     else:
         q = (codes - t.zero_point.to(torch.int32).unsqueeze(-1)).to(torch.float32)
     w = (q * t.scale.unsqueeze(-1)).reshape(*lead, kp)
+    if t.fp8_scale is not None:  # W4A8: code x group scale, rounded to FP8 under the per-tensor scale
+        s = t.fp8_scale.to(torch.float32)
+        w = _fp8_cast(w / s).to(torch.float32) * s
     return w[..., : t.in_features].to(dtype)
 
 

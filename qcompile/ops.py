@@ -91,18 +91,22 @@ def int4_linear(
     input_scale: Optional[Tensor],
     input_format: str,
     input_granularity: str,
+    fp8_scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """INT4/INT3 weight in groups along K, two codes per byte; `zero_point` is None when symmetric."""
+    """INT4/INT3 weight in groups along K, two codes per byte; `zero_point` is None when symmetric. `fp8_scale`
+    (W4A8): the per-tensor scale through which code x group scale is rounded to FP8 (docs/formats.md#w4a8)."""
     if ensure_registered():  # the device's kernel is registered now: dispatch again
         return torch.ops.qcompile.int4_linear.default(x, packed, scale, zero_point, group_size, bits, in_features,
-                                                      bias, input_scale, input_format, input_granularity)
+                                                      bias, input_scale, input_format, input_granularity, fp8_scale)
     return ref.int4_linear(
-        x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
+        x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity,
+        fp8_scale,
     )
 
 
 @int4_linear.register_fake
-def _(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity):
+def _(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity,
+      fp8_scale=None):
     ensure_registered()
     return _output_like(x, packed.shape[0])
 
@@ -160,9 +164,10 @@ kv_round_trip.register_autograd(lambda ctx, grad: (grad, None, None))
 # (adapters, heads) and lets graphs with parameters that require grad compile.
 
 
-def _register_backward(op, bias_index: int, dequantize_weight) -> None:
+def _register_backward(op, bias_index: int, dequantize_weight, trailing_weight_args: int = 0) -> None:
+    """`trailing_weight_args`: weight arguments after the activation's (int4's W4A8 FP8 scale)."""
     def setup_context(ctx, inputs, output):
-        ctx.weight_args = inputs[1:bias_index]
+        ctx.weight_args = (*inputs[1:bias_index], *inputs[len(inputs) - trailing_weight_args:])
         ctx.x_dtype = inputs[0].dtype
         bias = inputs[bias_index]
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -182,7 +187,7 @@ def _register_backward(op, bias_index: int, dequantize_weight) -> None:
 
 _register_backward(int8_linear, 3, lambda weight, scale: ref.dequantize_int8_weight(weight, scale))
 _register_backward(fp8_linear, 4, lambda weight, scale, block_size: ref.dequantize_fp8_weight(weight, scale, block_size))
-_register_backward(int4_linear, 7, lambda *weight: ref.dequantize_int4_weight(*weight))
+_register_backward(int4_linear, 7, lambda *weight: ref.dequantize_int4_weight(*weight), trailing_weight_args=1)
 _register_backward(nvfp4_linear, 5, lambda *weight: ref.dequantize_nvfp4_weight(*weight))
 
 

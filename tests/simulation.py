@@ -43,6 +43,12 @@ def _w_int4_g128(w):
     return numerics.dequantize_int4(numerics.quantize_int4(w, 128, symmetric=True, bits=4))
 
 
+def _w_int4_g128_fp8(w, group_amax=None):
+    """W4A8: the INT4 weight as the FP8 GEMM takes it, rounded through FP8 under amax/448 (the fused group's)."""
+    fp8_scale = True if group_amax is None else group_amax / 448.0
+    return numerics.dequantize_int4(numerics.quantize_int4(w, 128, symmetric=True, bits=4, fp8_scale=fp8_scale))
+
+
 def _w_nvfp4(w, group_amax=None):
     global_scale = None if group_amax is None else group_amax / (6.0 * 448.0)  # shared like FP8's per-tensor scale
     return numerics.dequantize_nvfp4(numerics.quantize_nvfp4(w, global_scale=global_scale))
@@ -60,7 +66,7 @@ class Semantics:
 
 _FP8_TENSOR_WEIGHT = _w_fp8("tensor")
 # weight quantizers whose per-tensor scale is shared by the layers reading one input
-SHARED_SCALE = (_FP8_TENSOR_WEIGHT, _w_nvfp4)
+SHARED_SCALE = (_FP8_TENSOR_WEIGHT, _w_nvfp4, _w_int4_g128_fp8)
 
 SEMANTICS = {
     "fp8": Semantics(_FP8_TENSOR_WEIGHT, "fp8_e4m3", "tensor", 448.0),
@@ -69,7 +75,7 @@ SEMANTICS = {
     "int8_sq": Semantics(_w_int8_channel, "int8", "tensor", 127.0),
     "int8_dynamic": Semantics(_w_int8_channel, "int8", "token"),
     "int4_awq": Semantics(_w_int4_g128),
-    "w4a8_awq": Semantics(_w_int4_g128, "fp8_e4m3", "tensor", 448.0),
+    "w4a8_awq": Semantics(_w_int4_g128_fp8, "fp8_e4m3", "tensor", 448.0),
     "nvfp4": Semantics(_w_nvfp4, "nvfp4", "block", 6.0 * 448.0),
     "nvfp4_weight_only": Semantics(_w_nvfp4),
     "int4_gptq": Semantics(_w_int4_g128),

@@ -79,7 +79,7 @@ def _qcompile_weight(layer: QuantizedLinear) -> torch.Tensor:
     op = layer.op._schema.name
     if op.endswith("int4_linear"):
         return ref.dequantize_int4_weight(layer.packed, layer.scale, None, layer.constants["group_size"], 4,
-                                          layer.in_features)
+                                          layer.in_features, getattr(layer, "fp8_scale", None))
     return ref.dequantize_nvfp4_weight(layer.packed, layer.block_scale, layer.global_scale, layer.in_features)
 
 
@@ -184,13 +184,18 @@ def test_cli_quantize_to_compressed_tensors(tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
 
 
-@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4", "w4a8_max"])
 def test_fused_groups_share_per_tensor_scales(recipe):
     """q/k/v and gate/up read one input, and engines run each group as one GEMM with one per-tensor weight scale
-    (NVFP4: one global scale): qcompile computes the same, from the largest |w| of the group."""
-    model, qm = quantized(recipe, explicit_input_scales=True)
+    (NVFP4: one global scale; W4A8: one FP8 scale): qcompile computes the same, from the largest |w| of the group."""
+    if recipe == "w4a8_max":  # max calibration: AWQ would move the weights off the float model's
+        model = llama()
+        qm = qcompile.quantize(model, dataclasses.replace(qcompile.RECIPES["w4a8_awq"], algorithm="max"),
+                               calib=hf_zoo.batches("llama"), progress=False)
+    else:
+        model, qm = quantized(recipe, explicit_input_scales=True)
     tree = qm.as_module()
-    qmax = 448.0 if recipe == "fp8" else 6.0 * 448.0
+    qmax = 6.0 * 448.0 if recipe == "nvfp4" else 448.0
     for layer in range(2):
         for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
                       ("self_attn.o_proj",), ("mlp.down_proj",)):
@@ -198,7 +203,8 @@ def test_fused_groups_share_per_tensor_scales(recipe):
             amax = max(model.get_submodule(name).weight.detach().abs().max().item() for name in names)
             for name in names:
                 module = tree.get_submodule(name)
-                scale = module.weight_scale if recipe == "fp8" else module.global_scale
+                scale = {"fp8": "weight_scale", "nvfp4": "global_scale", "w4a8_max": "fp8_scale"}[recipe]
+                scale = getattr(module, scale)
                 assert scale.numel() == 1 and scale.item() == pytest.approx(amax / qmax, rel=1e-7), name
 
 
@@ -214,10 +220,15 @@ def modelopt_weight(tensors: dict, prefix: str, algo: str, shape) -> torch.Tenso
         return weight.float() * (scale if scale.dim() == 0 else scale[:, None])
     if algo == "FP8_PB_WO":
         return weight.float() * scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
-    if algo == "W4A16_AWQ":  # two codes per byte along the output dimension, low nibble first
+    if algo in ("W4A16_AWQ", "W4A8_AWQ"):  # two codes per byte along the output dimension, low nibble first
         nibbles = torch.stack([weight & 0xF, weight >> 4], dim=1).reshape(rows, cols).to(torch.int32)
         codes = torch.where(nibbles >= 8, nibbles - 16, nibbles).float()
-        return codes * scale.repeat_interleave(cols // scale.shape[1], dim=1)
+        values = codes * scale.repeat_interleave(cols // scale.shape[1], dim=1)
+        if algo == "W4A16_AWQ":
+            return values
+        # W4A8: the FP8 GEMM's weight, code x group scale rounded to FP8 under weight_scale_2 (saturating)
+        second = tensors[f"{prefix}.weight_scale_2"]
+        return (values / second).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * second
     if algo in ("NVFP4", "W4A16_NVFP4"):
         values = E2M1[torch.stack([weight & 0xF, weight >> 4], dim=-1).reshape(rows, cols).long()]
         block = scale.float() * tensors[f"{prefix}.weight_scale_2"]
@@ -227,7 +238,7 @@ def modelopt_weight(tensors: dict, prefix: str, algo: str, shape) -> torch.Tenso
 
 MODELOPT = {"fp8": "FP8", "fp8_dynamic": "FP8_PER_CHANNEL_PER_TOKEN", "fp8_block": "FP8_PB_WO",
             "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_AWQ", "nvfp4": "NVFP4",
-            "nvfp4_weight_only": "W4A16_NVFP4"}
+            "nvfp4_weight_only": "W4A16_NVFP4", "w4a8_awq": "W4A8_AWQ"}
 
 
 @pytest.mark.parametrize("recipe", list(MODELOPT))
@@ -258,21 +269,22 @@ def test_modelopt_checkpoint_decodes_to_qcompile_weights(recipe, tmp_path):
             multipliers += 1
             x = torch.randn(3, layer.in_features)
             scaled = x * tensors[f"{name}.pre_quant_scale"]
-            if f"{name}.input_scale" in tensors:  # W8A8: then the static per-tensor INT8 activation rounding
-                scaled = numerics.fake_quantize(scaled, "int8", "tensor", scale=tensors[f"{name}.input_scale"])
+            if f"{name}.input_scale" in tensors:  # then the static per-tensor activation rounding (W8A8, W4A8)
+                fmt = "int8" if MODELOPT[recipe] == "W8A8_SQ_PER_CHANNEL" else "fp8_e4m3"
+                scaled = numerics.fake_quantize(scaled, fmt, "tensor", scale=tensors[f"{name}.input_scale"])
             y = scaled @ weight.T
             torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
     # the o_proj scales of AWQ/SmoothQuant have no fold point under grouped-query attention: pre_quant_scale
-    assert (multipliers > 0) == (recipe in ("int4_awq", "int8_sq"))
+    assert (multipliers > 0) == (recipe in ("int4_awq", "int8_sq", "w4a8_awq"))
     # static input scales exactly where the format quantizes activations with one
-    assert any(key.endswith(".input_scale") for key in tensors) == (MODELOPT[recipe] in ("FP8", "NVFP4", "W8A8_SQ_PER_CHANNEL"))
+    assert any(key.endswith(".input_scale") for key in tensors) == (
+        MODELOPT[recipe] in ("FP8", "NVFP4", "W8A8_SQ_PER_CHANNEL", "W4A8_AWQ"))
     if MODELOPT[recipe] == "W4A16_NVFP4":  # the weight-only description engines read: no activation scheme
         assert "input_activations" not in config["config_groups"]["group_0"]
         assert config["config_groups"]["group_0"]["weights"]["group_size"] == 16
 
 
-@pytest.mark.parametrize("recipe, reason", [("int8_dynamic", "int8_dynamic.*compressed-tensors"),
-                                            ("w4a8_awq", "w4a8_awq.*W4A8_AWQ.*through FP8")])
+@pytest.mark.parametrize("recipe, reason", [("int8_dynamic", "int8_dynamic.*compressed-tensors")])
 def test_modelopt_refuses_recipes_it_has_no_name_for(recipe, reason, tmp_path):
     _, qm = quantized(recipe)
     with pytest.raises(ExportError, match=reason):

@@ -429,6 +429,25 @@ def test_int3_hand_checked():
     assert dequantize_int4(t).tolist() == [[3.0, -3.0, 0.0, 2.0]]
 
 
+def test_w4a8_weight_rounds_through_fp8_hand_checked():
+    """W4A8 (docs/formats.md#w4a8): group A's max 7 sets the FP8 scale 7/448 = 1/64; in group B (scale 0.1) the
+    codes 7, 3, 1 give 0.7, 0.3, 0.1, i.e. 44.8, 19.2, 6.4 in FP8 units, which round to the E4M3 values 44 (step 4
+    in [32, 64)), 20 (step 2 in [16, 32)) and 6.5 (step 0.5 in [4, 8))."""
+    w = torch.zeros(1, 256)
+    w[0, 0] = 7.0
+    w[0, 128], w[0, 129], w[0, 130] = 0.7, 0.3, 0.1
+    t = quantize_int4(w, 128, fp8_scale=True)
+    assert t.fp8_scale.item() == 1 / 64
+    d = dequantize_int4(t)
+    assert d[0, 0].item() == 7.0
+    assert d[0, 128:131].tolist() == [44 / 64, 20 / 64, 6.5 / 64]
+    plain = dequantize_int4(quantize_int4(w, 128))  # without the FP8 stage: code x scale
+    assert torch.allclose(plain[0, 128:131], torch.tensor([0.7, 0.3, 0.1]))
+    # a static scale too small saturates at +-448 FP8 units instead of overflowing
+    small = dequantize_int4(quantize_int4(w, 128, fp8_scale=1 / 128))
+    assert small[0, 0].item() == 448 / 128
+
+
 def test_int4_asymmetric_hand_checked():
     # lo=-5, hi=10 -> scale 1, zero point 5; q = round(w) + 5
     t = quantize_int4(torch.tensor([[-5.0, 10.0, 0.0, 2.5]]), group_size=4, symmetric=False)

@@ -28,12 +28,17 @@ def _op_args(kind: str, w: torch.Tensor):
         t = numerics.quantize_int4(w, 64, symmetric=False)
         return (torch.ops.qcompile.int4_linear, [t.packed, t.scale, t.zero_point, 64, 4, K, None, None, "none", "tensor"],
                 6, numerics.dequantize_int4(t))
+    if kind == "w4a8":  # the weight rounded through FP8 (docs/formats.md#w4a8): the gradient sees that weight
+        t = numerics.quantize_int4(w, 128, fp8_scale=True)
+        return (torch.ops.qcompile.int4_linear,
+                [t.packed, t.scale, None, 128, 4, K, None, None, "none", "tensor", t.fp8_scale], 6,
+                numerics.dequantize_int4(t))
     t = numerics.quantize_nvfp4(w)
     return (torch.ops.qcompile.nvfp4_linear, [t.packed, t.block_scale, t.global_scale, K, None, None, "none", "block"],
             4, numerics.dequantize_nvfp4(t))
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8_block", "int4", "nvfp4"])
+@pytest.mark.parametrize("kind", ["int8", "fp8_block", "int4", "w4a8", "nvfp4"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gradients_of_activation_and_bias(kind, compiled):
     g = torch.Generator().manual_seed(3)

@@ -124,15 +124,19 @@ def _four_bit_kernel_call(name: str):
     element by element; MiniLM W4A8 ran at 0.54x of FP32 eager, NVFP4 at 0.23x). The kernel gets the same float32
     values either way."""
     call = getattr(torch.ops.qcompile, f"cpu_{name}").default
+    names = [argument.name for argument in call._schema.arguments]
+    first_input_arg = names.index("input_scale")
 
-    def decompose(x, *args):
+    def decompose(x, *args, **kwargs):
         if x.device.type != "cpu":
             return NotImplemented
-        *weight_args, input_scale, input_format, input_granularity = args
-        quantized = fake_quantize_input(x, input_scale, input_format, input_granularity)
+        values = {**dict(zip(names[1:], args)), **kwargs}
+        weight_args = [values.get(n) for n in names[1:first_input_arg]]
+        trailing = [values[n] for n in names[first_input_arg + 3:] if values.get(n) is not None]  # W4A8's FP8 scale
+        quantized = fake_quantize_input(x, values["input_scale"], values["input_format"], values["input_granularity"])
         if quantized is None:
-            return call(x, *args)
-        return call(quantized, *weight_args, None, "none", "tensor").to(x.dtype)
+            return call(x, *args, **kwargs)
+        return call(quantized, *weight_args, None, "none", "tensor", *trailing).to(x.dtype)
 
     return decompose
 

@@ -63,15 +63,17 @@ def nvfp4_weight(packed, block_scale, global_scale, in_features) -> native.Lut4W
 
 
 def int4_linear(
-    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
+    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity,
+    fp8_scale=None,
 ):
     """The CPU kernel of `qcompile::int4_linear`."""
 
     def reference():
         return ref.int4_linear(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale,
-                               input_format, input_granularity)
+                               input_format, input_granularity, fp8_scale)
 
-    if packed.dim() != 2 or x.shape[-1] != in_features:
+    # W4A8's weights rounded through FP8 are no longer a code table times a group scale: the reference
+    if packed.dim() != 2 or x.shape[-1] != in_features or fp8_scale is not None:
         return reference()
 
     def weight():

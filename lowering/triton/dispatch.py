@@ -117,9 +117,10 @@ def _fp8_path(x, weight, weight_scale, block_size, bias, input_scale, input_form
 
 
 def _int4_path(
-    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
+    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity,
+    fp8_scale=None,
 ):
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or bits not in (3, 4) or group_size <= 0:
+    if fp8_scale is not None or packed.dtype != torch.uint8 or packed.dim() != 2 or bits not in (3, 4) or group_size <= 0:
         return None
     n, kp = packed.shape[0], 2 * packed.shape[1]
     if not (_x_ok(x, in_features) and 0 < in_features <= kp and kp % group_size == 0 and _bias_ok(bias, n)):
@@ -269,10 +270,13 @@ def fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_for
 
 
 def int4_linear(
-    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity
+    x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format, input_granularity,
+    fp8_scale=None,
 ):
     args = (x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format,
             input_granularity)
+    if fp8_scale is not None:  # W4A8's weights rounded through FP8: no Triton kernel for that form yet
+        return ref.int4_linear(*args, fp8_scale)
     if _int4_path(*args) is None:
         return ref.int4_linear(*args)
     a, a_scale = quantize_activation(_rows(x), input_format, input_granularity, input_scale)

@@ -11,11 +11,13 @@ read them (scales are float32 unless said otherwise; a 0-d tensor is one number)
 | fp8_block | FP8_PB_WO | `weight`, `weight_scale [ceil(N/128), ceil(K/128)]` |
 | int8_sq | W8A8_SQ_PER_CHANNEL | `weight` int8, `weight_scale [N]`, `input_scale` 0-d |
 | int4_awq, int4_gptq | W4A16_AWQ | `weight` uint8 `[N/2, K]`, `weight_scale [N, K/group]` |
+| w4a8_awq | W4A8_AWQ | as W4A16_AWQ, with `weight_scale_2` 0-d (the FP8 scale) and `input_scale` 0-d |
 | nvfp4 | NVFP4 | `weight` uint8 `[N, K/2]`, `weight_scale` FP8 `[N, K/16]`, `weight_scale_2` 0-d, `input_scale` 0-d |
 | nvfp4_weight_only | W4A16_NVFP4 | as NVFP4, without `input_scale` |
 
 - W4A16_AWQ packs two signed 4-bit codes per byte along the output dimension: byte `[i, k]` holds row `2i` in its
-  low nibble and row `2i + 1` in its high nibble.
+  low nibble and row `2i + 1` in its high nibble. W4A8_AWQ stores the same, and its weight is
+  `fp8_e4m3(code * weight_scale / weight_scale_2) * weight_scale_2` (docs/formats.md#w4a8), as qcompile computes it.
 - NVFP4 multiplies by its global scales: `weight_scale_2` is qcompile's global scale and `input_scale` the static
   input global scale (amax / (6 * 448)), so the dequantized weight is `e2m1 * weight_scale * weight_scale_2`, as
   qcompile defines it.
@@ -63,14 +65,16 @@ def quant_algo(recipe: Recipe) -> str:
         name = "W8A8_SQ_PER_CHANNEL"
     elif w.format == "int4" and w.symmetric and w.granularity == "group" and x is None:
         name = "W4A16_AWQ"
+    elif w.format == "int4" and w.symmetric and w.granularity == "group" and x is not None \
+            and x.format == "fp8_e4m3" and not x.dynamic and x.granularity == "tensor":
+        name = "W4A8_AWQ"
     elif w.format == "nvfp4" and x is not None and x.format == "nvfp4" and not x.dynamic:
         name = "NVFP4"
     elif w.format == "nvfp4" and x is None:
         name = "W4A16_NVFP4"
     if name is None:
         raise _error(f"recipe {recipe.name!r} has no Model Optimizer quant_algo that qcompile writes "
-                     "(int8_dynamic: use format='compressed-tensors'; w4a8_awq: Model Optimizer's W4A8_AWQ also "
-                     "rounds the INT4 weight through FP8, which qcompile's w4a8_awq does not compute)")
+                     "(int8_dynamic: use format='compressed-tensors')")
     return name
 
 
@@ -98,7 +102,7 @@ def check_dtype(recipe: Recipe, dtype: torch.dtype) -> None:
 def _description(recipe: Recipe, ignore: list[str]) -> dict:
     algo = quant_algo(recipe)
     details = {"quant_algo": algo, "kv_cache_quant_algo": _KV_CACHE_ALGO[recipe.kv_cache]}
-    if algo == "W4A16_AWQ":
+    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
         details.update(group_size=int(recipe.weights.block_size), has_zero_point=False, pre_quant_scale=True)
     elif algo in ("NVFP4", "W4A16_NVFP4"):
         details.update(group_size=16)
@@ -153,11 +157,13 @@ def layer_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict
     elif op == "int4_linear":
         group = layer.constants["group_size"]
         if layer.in_features % group or layer.out_features % 2:
-            raise _error(f"layer {name!r}: W4A16_AWQ needs in_features divisible by {group} and an even "
+            raise _error(f"layer {name!r}: W4A16_AWQ/W4A8_AWQ need in_features divisible by {group} and an even "
                          f"out_features, got {layer.out_features}x{layer.in_features}")
         codes = numerics.unpack_nibbles(layer.packed)[:, : layer.in_features]  # two's complement nibbles
         out["weight"] = (codes[0::2] & 0xF) | ((codes[1::2] & 0xF) << 4)
         out["weight_scale"] = layer.scale.float()
+        if getattr(layer, "fp8_scale", None) is not None:  # W4A8_AWQ
+            out["weight_scale_2"] = layer.fp8_scale.float().reshape(())
     elif op == "nvfp4_linear":
         if layer.in_features % 16:
             raise _error(f"layer {name!r}: NVFP4 needs in_features divisible by 16, got {layer.in_features}")
