@@ -76,7 +76,7 @@ def test_a_changed_qcompile_is_not_served_a_graph_compiled_by_the_old_one(tmp_pa
     torch.testing.assert_close(_compile_and_run(qm, x, version_1), expected)  # compiled and cached by "version 1"
 
     # "version 2": the decomposition takes the float path for every INT8 layer, and that path is recognisable
-    monkeypatch.setattr(cpu_int8, "_takes_int_mm", lambda *args: False)
+    monkeypatch.setattr(cpu_int8, "takes_integer_gemm", lambda *args: False)
     monkeypatch.setattr(cpu_int8, "takes_native_int8_gemm", lambda *args: False)
     monkeypatch.setattr(cpu_int8, "int8_linear_dequantized",
                         lambda x, weight, *args: torch.full((*x.shape[:-1], weight.shape[0]), 7.0, dtype=x.dtype))

@@ -88,10 +88,6 @@ def takes_integer_gemm(
     )
 
 
-def _takes_int_mm(x: Tensor, weight: Tensor, input_format: str, input_granularity: str) -> bool:
-    return takes_integer_gemm(x.dtype, x.shape[-1], weight, input_format, input_granularity)
-
-
 def takes_native_int8_gemm(
     x_dtype: torch.dtype, weight: Tensor, weight_scale: Tensor, input_scale: Tensor | None, input_format: str,
     input_granularity: str,
@@ -106,6 +102,20 @@ def takes_native_int8_gemm(
         and not has_fast_int8_gemm()
         and native.has_int8_gemm()
     )
+
+
+def int8_gemm_for(x_dtype: torch.dtype, k: int, weight: Tensor, weight_scale: Tensor, input_scale: Tensor | None,
+                  input_format: str, input_granularity: str) -> str:
+    """The one place that picks the GEMM an int8_linear runs on this CPU, each choice behind its availability check:
+    "int_mm" (`torch._int_mm`, oneDNN: an INT8 dot-product instruction), "native" (the C kernel: AVX2 without
+    one), "float" (the reference's arithmetic on the INT8 codes), or "reference" (no INT8 inputs: weight-only)."""
+    if not _has_int8_operands(x_dtype, weight, input_format, input_granularity):
+        return "reference"
+    if takes_integer_gemm(x_dtype, k, weight, input_format, input_granularity):
+        return "int_mm"
+    if takes_native_int8_gemm(x_dtype, weight, weight_scale, input_scale, input_format, input_granularity):
+        return "native"
+    return "float"
 
 
 def int8_codes(x: Tensor, input_scale: Tensor | None, granularity: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,9 +220,8 @@ def int8_linear_shared(x, weights, weight_scales, biases, input_scale, input_for
 def _fuses_on_native(x, weight, weight_scale, input_scale, input_format, input_granularity) -> bool:
     """Whether `native`'s kernel runs a layer with work fused into its call: float32 activations only (the fused
     work is float32 arithmetic on the kernel's float32 output)."""
-    return bool(x.numel()) and x.dtype == torch.float32 and takes_native_int8_gemm(
-        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
-    )
+    return bool(x.numel()) and x.dtype == torch.float32 and int8_gemm_for(
+        x.dtype, x.shape[-1], weight, weight_scale, input_scale, input_format, input_granularity) == "native"
 
 
 def check_shared_arguments(weights, weight_scales, biases, activations) -> None:
@@ -227,13 +236,11 @@ def check_shared_arguments(weights, weight_scales, biases, activations) -> None:
 def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
     """The CPU kernel of `qcompile::int8_linear`: the integer GEMM this CPU runs exactly and fast, else the
     reference (see the module's docstring)."""
-    if not has_fast_int8_gemm():
-        if x.numel() and takes_native_int8_gemm(
-            x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
-        ):
-            return int8_linear_native(x, weight, weight_scale, bias, input_scale, input_granularity)
-        return ref.int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
-    if not _takes_int_mm(x, weight, input_format, input_granularity) or x.numel() == 0:
+    gemm = int8_gemm_for(x.dtype, x.shape[-1], weight, weight_scale, input_scale, input_format, input_granularity) \
+        if x.numel() else "reference"
+    if gemm == "native":
+        return int8_linear_native(x, weight, weight_scale, bias, input_scale, input_granularity)
+    if gemm != "int_mm":
         return ref.int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
     if input_scale is not None:
         numerics.check_finite(input_scale, "static int8 input scale")
@@ -292,18 +299,18 @@ def decompose_int8_linear(x, weight, weight_scale, bias, input_scale, input_form
     """
     if x.device.type != "cpu":
         return NotImplemented
-    if _takes_int_mm(x, weight, input_format, input_granularity):
+    gemm = int8_gemm_for(x.dtype, x.shape[-1], weight, weight_scale, input_scale, input_format, input_granularity)
+    if gemm == "int_mm":
         return int8_linear_int_mm(x, weight, weight_scale, bias, input_scale, input_granularity)
-    if not _has_int8_operands(x.dtype, weight, input_format, input_granularity) or takes_native_int8_gemm(
-        x.dtype, weight, weight_scale, input_scale, input_format, input_granularity
-    ):  # the op whole, through its twin without autograd (`qcompile::cpu_int8_linear`, see `qcompile.lowering.cpu`)
-        return torch.ops.qcompile.cpu_int8_linear.default(
-            x, weight, weight_scale, bias, input_scale, input_format, input_granularity
-        )
-    return int8_linear_dequantized(x, weight, weight_scale, bias, input_scale, input_granularity)
+    if gemm == "float":
+        return int8_linear_dequantized(x, weight, weight_scale, bias, input_scale, input_granularity)
+    # the op whole, through its twin without autograd (`qcompile::cpu_int8_linear`, see `qcompile.lowering.cpu`)
+    return torch.ops.qcompile.cpu_int8_linear.default(
+        x, weight, weight_scale, bias, input_scale, input_format, input_granularity
+    )
 
 
 __all__ = ["INT8_ACTIVATIONS", "MAX_EXACT_K", "check_shared_arguments", "decompose_int8_linear", "has_fast_int8_gemm",
-           "int8_codes", "int8_linear", "int8_linear_activation", "int8_linear_dequantized", "int8_linear_int_mm",
+           "int8_codes", "int8_gemm_for", "int8_linear", "int8_linear_activation", "int8_linear_dequantized", "int8_linear_int_mm",
            "int8_linear_native", "int8_linear_shared", "quantize_rows_int8", "takes_integer_gemm",
            "takes_native_int8_gemm"]
