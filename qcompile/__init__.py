@@ -38,13 +38,13 @@ from qcompile import algorithms, formats, numerics, ops  # noqa: F401  (ops defi
 from qcompile.calibration import calibrate, describe_call, first_batch, run_calibration
 from qcompile.capture import capture, module_tree
 from qcompile.checkpoints import export_hf
-from qcompile.conversion import convert_linears
+from qcompile.conversion import convert_linears, observe
 from qcompile.model import QuantizedModel, load
 from qcompile.prepared import PreparedModel
 from qcompile.lowering.onnx import export_onnx
 from qcompile.passes.find_attention import find_attention
 from qcompile.passes.find_linears import find_linears
-from qcompile.passes.insert_observers import insert_observers, remove_observers
+from qcompile.passes.insert_observers import remove_observers
 from qcompile.passes.quantize_kv import insert_kv_observers, quantize_kv, remove_kv_observers
 from qcompile.recipes import RECIPES, QuantSpec, Recipe, resolve_recipe
 from qcompile.tensorrt import build_engine
@@ -135,10 +135,7 @@ def prepare(
         return model
     for site in sites:  # a bad weight is named as such, before calibration runs it through the model
         numerics.check_finite(site.weight, f"weight of layer {site.name!r}")
-    needs = algorithms.needs(recipe)
-    observers = {}
-    if needs.calibration:
-        observers = insert_observers(graph, sites, keep_rows=needs.sampled_rows, hessian=needs.gram)
+    observers = observe(graph, sites, recipe)
     float_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return PreparedModel(graph, tree, [site.name for site in sites], recipe, (args, kwargs), observers, float_bytes)
 

@@ -37,8 +37,8 @@ from qcompile.lowering.activation_fusion import fuse_int8_activations
 from qcompile.lowering.shared_input import merge_shared_input_int8_linears
 from qcompile.passes.find_attention import find_attention
 from qcompile.passes.find_linears import LinearSite, find_linears
-from qcompile.passes.insert_observers import insert_observers, remove_observers
-from qcompile.conversion import convert_linears
+from qcompile.passes.insert_observers import remove_observers
+from qcompile.conversion import convert_linears, observe
 from qcompile.passes.quantize_kv import KVReport, insert_kv_observers, quantize_kv, remove_kv_observers
 from qcompile.passes.quantize_linears import LayerReport
 from qcompile.recipes import RECIPES, Recipe, resolve_recipe
@@ -138,8 +138,8 @@ class QuantizedGraph:
         self._tracing_context = torch._guards.TracingContext.try_get()
         self.needs = algorithms.needs(options.recipe)
         if (self.needs.calibration or self.attentions) and not self._has_statistics():
-            if self.needs.calibration:  # sequential algorithms take their one-shot form: the batches cannot rerun
-                self._observers = insert_observers(gm, sites, keep_rows=self.needs.sampled_rows, hessian=self.needs.gram)
+            # sequential algorithms take their one-shot form here: the batches cannot rerun
+            self._observers = observe(gm, sites, options.recipe) or None
         else:
             self._convert()
 

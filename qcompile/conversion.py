@@ -14,9 +14,18 @@ from torch import Tensor, fx
 
 from qcompile import algorithms, formats
 from qcompile.passes.find_linears import LinearSite
-from qcompile.passes.insert_observers import ActivationObserver
+from qcompile.passes.insert_observers import ActivationObserver, insert_observers
 from qcompile.passes.quantize_linears import LayerReport, _sqnr_db, fake_quantize_weight, quantize_linears
 from qcompile.recipes import Recipe
+
+def observe(gm: fx.GraphModule, sites: list[LinearSite], recipe: Recipe) -> dict[str, ActivationObserver]:
+    """The observers the recipe's algorithm needs (`algorithms.needs`), on the inputs of `sites`; none for a recipe
+    that needs no data. Shared by `qcompile.prepare` and the torch.compile backend."""
+    needs = algorithms.needs(recipe)
+    if not needs.calibration:
+        return {}
+    return insert_observers(gm, sites, keep_rows=needs.sampled_rows, hessian=needs.gram)
+
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
