@@ -3,8 +3,8 @@
     qcompile quantize MODEL_DIR OUT --recipe NAME [--calib TEXT_FILE] [--calib-samples N] [--seq-len L]
                       [--format qcompile|compressed-tensors|modelopt|onnx] [--dtype auto|bfloat16|float16|float32]
                       [--group-size N] [--exclude GLOB ...]
-    qcompile export-onnx CHECKPOINT_DIR model.onnx [--opset 21] [--external-data auto|always|never]
-                         [--int8-weights int8|uint8]
+    qcompile export-onnx CHECKPOINT_DIR model.onnx [--target onnxruntime|tensorrt] [--dtype float16|bfloat16]
+                         [--opset 21] [--external-data auto|always|never] [--int8-weights uint8|int8]
     qcompile build-engine model.onnx model.engine [--shape NAME:MIN:OPT:MAX ...] [--workspace-gb N]
                           [--timing-cache PATH] [--precision-constraints obey|prefer|none] [--weakly-typed]
                           [--verbose]
@@ -73,11 +73,17 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="ONNX opset (default: %(default)s; NVFP4 models are written at 23)")
     export.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="write tensors to OUTPUT.data: auto (only past the 2 GB protobuf limit), always, never")
-    export.add_argument("--int8-weights", choices=("int8", "uint8"), default="int8",
-                        help="INT8 weight storage: int8 (default; ONNX Runtime's u8 x s8 kernels: fast with "
-                             "VNNI/AMX, saturating sums on other x86 CPUs unless the session sets "
-                             "session.x64quantprecision) or uint8 at zero point 128 (its u8 x u8 kernels: exact on "
-                             "every x86 CPU with any session options)")
+    export.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                        help="the runtime the file is for: onnxruntime (default; QDQ ONNX Runtime fuses into its "
+                             "integer kernels, float32) or tensorrt (explicit quantization for TensorRT's ONNX "
+                             "parser, zero points 0, FP16/BF16 compute; docs/onnx.md)")
+    export.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,
+                        help="compute dtype of a --target tensorrt file (default: float16)")
+    export.add_argument("--int8-weights", choices=("uint8", "int8"), default=None,
+                        help="INT8 weight storage for --target onnxruntime: uint8 (default; codes + 128 at zero "
+                             "point 128, ONNX Runtime's u8 x u8 kernels, exact on every CPU in any session) or int8 "
+                             "(its u8 x s8 kernels: faster with VNNI/AMX, but on other x86 CPUs they saturate unless "
+                             "the session sets session.x64quantprecision=1)")
     export.add_argument("--no-optimize", action="store_true", help="skip constant folding and cleanup of the graph")
     export.add_argument("--no-check", action="store_true", help="skip onnx.checker.check_model(full_check=True)")
     export.set_defaults(run=_export_onnx)
@@ -169,6 +175,13 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if not args.checkpoint.is_dir():
         print(f"qcompile: {args.checkpoint} is not a directory", file=sys.stderr)
         return 2
+    if args.target == "tensorrt" and args.int8_weights == "uint8":
+        print("qcompile: --int8-weights uint8 applies to --target onnxruntime (TensorRT reads signed INT8 codes)",
+              file=sys.stderr)
+        return 2
+    if args.target == "onnxruntime" and args.dtype is not None:
+        print("qcompile: --dtype applies to --target tensorrt (ONNX Runtime files compute in float32)", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     print(f"loading {args.checkpoint}", flush=True)
     try:
@@ -177,11 +190,12 @@ def _export_onnx(args: argparse.Namespace) -> int:
         print(f"qcompile: {error}", file=sys.stderr)
         return 2
     external = {"auto": None, "always": True, "never": False}[args.external_data]
-    print(f"exporting {len(qm.layers)} quantized layers (recipe {qm.recipe.name}) to {args.output}", flush=True)
+    print(f"exporting {len(qm.layers)} quantized layers (recipe {qm.recipe.name}) to {args.output} "
+          f"for {args.target}", flush=True)
     try:
         path = qcompile.export_onnx(qm, args.output, opset=args.opset, external_data=external,
                                     optimize=not args.no_optimize, check=not args.no_check,
-                                    int8_weights=args.int8_weights)
+                                    int8_weights=args.int8_weights, target=args.target, dtype=args.dtype)
     except (OnnxExportError, ValueError, ImportError) as error:
         print(f"qcompile: {error}", file=sys.stderr)
         return 1

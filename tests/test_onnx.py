@@ -116,6 +116,13 @@ def graph_facts(model) -> dict:
         if node.op_type != "MatMul" or node.input[1] not in producer:
             continue
         dq = producer[node.input[1]]
+        through = None
+        if dq.op_type == "DequantizeLinear" and dq.input[0] in producer:  # W4A8: an FP8 Q/DQ on the INT4 weight
+            q = producer[dq.input[0]]
+            inner = producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+            if inner is not None and inner.op_type == "DequantizeLinear" and inner.input[0] in inits:
+                through = onnx.TensorProto.DataType.Name(inits[q.input[2]].data_type) if len(q.input) > 2 else None
+                dq = inner
         if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
@@ -125,6 +132,7 @@ def graph_facts(model) -> dict:
             "dims": list(inits[dq.input[0]].dims),
             "block_size": attrs.get("block_size", 0),
             "axis": attrs.get("axis", 1),
+            "through": through,
             "scale_from_dq": None if scale_source is None else (
                 scale_source.op_type,
                 onnx.TensorProto.DataType.Name(inits[scale_source.input[0]].data_type)
@@ -157,12 +165,17 @@ def check_patterns(runner: Runner, recipe: qc.Recipe, n_layers: int) -> None:
     weights = facts["weight_dq"]
     assert len(weights) == n_layers, f"{len(weights)} dequantized-weight MatMuls for {n_layers} quantized layers"
     fmt = recipe.weights.format
-    expected = {"int8": "INT8", "fp8_e4m3": "FLOAT8E4M3FN", "int4": "INT4", "int3": "INT4", "nvfp4": "FLOAT4E2M1"}[fmt]
+    # INT8 weights are stored as uint8 at zero point 128 by default (the same integers; exact in any session)
+    expected = {"int8": "UINT8", "fp8_e4m3": "FLOAT8E4M3FN", "int4": "INT4", "int3": "INT4", "nvfp4": "FLOAT4E2M1"}[fmt]
     if fmt in ("int4", "int3") and not recipe.weights.symmetric:
         expected = "UINT4"
     assert {w["dtype"] for w in weights} == {expected}
     if fmt in ("int4", "int3", "nvfp4"):
         assert {(w["axis"], w["block_size"]) for w in weights} == {(0, recipe.weights.block_size)}
+    from qcompile import formats
+
+    if getattr(formats, "weights_through_fp8", lambda weights, inputs: False)(recipe.weights, recipe.inputs):
+        assert {w["through"] for w in weights} == {"FLOAT8E4M3FN"}  # W4A8: the INT4 weight rounded through FP8
     if fmt == "nvfp4":  # two chained DQs: FP8 block scale x FP32 global scale, then the FP4 block DQ
         assert {w["scale_from_dq"] for w in weights} == {("DequantizeLinear", "FLOAT8E4M3FN")}
         assert runner.model.opset_import[0].version >= 23
@@ -298,6 +311,9 @@ def _plain_session(path: Path, tmp_path: Path):
 
 
 def test_uint8_weights_are_exact_in_any_session(tmp_path):
+    """The default INT8 weight layout (codes + 128 at zero point 128) takes ONNX Runtime's exact u8 × u8 kernels in
+    a session without options; the optional int8 layout takes its u8 × s8 kernels, which need
+    `session.x64quantprecision` on x86 CPUs without an INT8 dot product."""
     from qcompile.lowering.cpu import int8 as cpu_int8
 
     g = torch.Generator().manual_seed(5)
@@ -307,27 +323,57 @@ def test_uint8_weights_are_exact_in_any_session(tmp_path):
     with pytest.raises(ValueError, match="int8_weights"):
         qc.export_onnx(qm, tmp_path / "bad.onnx", int8_weights="int4")
 
-    path = qc.export_onnx(qm, tmp_path / "u8.onnx", int8_weights="uint8")
-    weights = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [384, 192]]
-    assert [t.data_type for t in weights] == [onnx.TensorProto.UINT8]
-    stored = onnx.numpy_helper.to_array(weights[0]).astype(np.int16) - 128  # back to the INT8 codes
-    codes = qm.graph_module.get_submodule("").state_dict()
-    int8_codes = [v for v in codes.values() if v.dtype == torch.int8 and tuple(v.shape) == (192, 384)]
-    assert len(int8_codes) == 1 and np.array_equal(stored.T, int8_codes[0].numpy())
-    session, fused = _plain_session(path, tmp_path)
-    assert "MatMulIntegerToFloat" in fused
-    assert rel(session.run(None, {"x": x.numpy()})[0], want) <= OP_TOL
+    for path in (qc.export_onnx(qm, tmp_path / "default.onnx"),
+                 qc.export_onnx(qm, tmp_path / "u8.onnx", int8_weights="uint8")):
+        weights = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [384, 192]]
+        assert [t.data_type for t in weights] == [onnx.TensorProto.UINT8]
+        stored = onnx.numpy_helper.to_array(weights[0]).astype(np.int16) - 128  # back to the INT8 codes
+        codes = qm.graph_module.get_submodule("").state_dict()
+        int8_codes = [v for v in codes.values() if v.dtype == torch.int8 and tuple(v.shape) == (192, 384)]
+        assert len(int8_codes) == 1 and np.array_equal(stored.T, int8_codes[0].numpy())
+        session, fused = _plain_session(path, tmp_path)
+        assert "MatMulIntegerToFloat" in fused
+        assert rel(session.run(None, {"x": x.numpy()})[0], want) <= OP_TOL
+        assert rel(ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0], want) <= OP_TOL
+    assert _digest(tmp_path / "default.onnx") == _digest(tmp_path / "u8.onnx")
 
-    # the default layout: exact through onnxruntime_session, and (the reason for the option) saturating in a plain
-    # session on x86 CPUs without an INT8 dot product
-    path = qc.export_onnx(qm, tmp_path / "s8.onnx")
+    # the int8 layout: exact through onnxruntime_session (and with the flag in any session), and (the reason for
+    # the flag) saturating in a plain session on x86 CPUs without an INT8 dot product
+    path = qc.export_onnx(qm, tmp_path / "s8.onnx", int8_weights="int8")
     assert [t.data_type for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [384, 192]] == [
         onnx.TensorProto.INT8]
     assert rel(qonnx.onnxruntime_session(path, threads=2).run(None, {"x": x.numpy()})[0], want) <= OP_TOL
+    options = ort.SessionOptions()
+    options.add_session_config_entry(*qonnx.X64_QUANT_PRECISION)
+    assert rel(ort.InferenceSession(str(path), options).run(None, {"x": x.numpy()})[0], want) <= OP_TOL
     session, fused = _plain_session(path, tmp_path)
     assert "MatMulIntegerToFloat" in fused
     if not cpu_int8.has_fast_int8_gemm() and os.uname().machine == "x86_64":
         assert rel(session.run(None, {"x": x.numpy()})[0], want) > 1e-3
+
+
+@pytest.mark.parametrize("int8_weights", qonnx.INT8_WEIGHT_TYPES)
+def test_t5_relu_ffn_loads_with_and_without_the_session_flag(int8_weights, tmp_path):
+    """T5's FFN (wi → ReLU → wo): ONNX Runtime leaves wi's DequantizeLinear unfused. With
+    `session.x64quantprecision` it rewrites int8 weights to uint8 and gave that DequantizeLinear a scalar zero point
+    where none was written, which its per-channel kernel refused ("x_zero_point must be null or 1D tensor with
+    size N"); the int8 layout now writes its zero point (0, one per channel), the uint8 layout never had the rewrite.
+    """
+    pytest.importorskip("transformers")
+    hf_zoo = pytest.importorskip("hf_zoo")
+    batches = hf_zoo.batches("t5")
+    model = hf_zoo.t5()
+    qm = qc.quantize(model, "int8_sq", calib=batches, progress=False)
+    path = qc.export_onnx(qm, tmp_path / "t5.onnx", int8_weights=int8_weights)
+    want = qm(**batches[1]).logits.detach().numpy()
+    with torch.no_grad():
+        bound = max(EXACT_TOL, FLIP_FRACTION * rel(want, model(**batches[1]).logits.numpy()))
+    flagged = ort.SessionOptions()
+    flagged.add_session_config_entry(*qonnx.X64_QUANT_PRECISION)
+    for session in (ort.InferenceSession(str(path)), ort.InferenceSession(str(path), flagged),
+                    qonnx.onnxruntime_session(path)):
+        got = session.run(None, {k: v.numpy() for k, v in batches[1].items()})[0]
+        assert rel(got, want) <= bound
 
 
 # ---------------------------------------------------------------------------------- tiny Llama, tiny BERT
@@ -520,9 +566,22 @@ def test_cli_exports_saved_model(small_qm, tmp_path, capsys):
     got = qonnx.onnxruntime_session(tmp_path / "cli.onnx").run(None, {"x": x.numpy(), "z": z.numpy()})
     assert all(rel(g, w) <= OP_TOL for g, w in zip(got, outputs_of(small_qm(x, z))))
     assert main(["export-onnx", str(tmp_path / "missing"), str(tmp_path / "x.onnx")]) == 2
-    assert main(["export-onnx", str(tmp_path / "ckpt"), str(tmp_path / "u8.onnx"), "--int8-weights", "uint8"]) == 0
-    kinds = {t.data_type for t in onnx.load(str(tmp_path / "u8.onnx")).graph.initializer if len(t.dims) == 2}
-    assert onnx.TensorProto.UINT8 in kinds and onnx.TensorProto.INT8 not in kinds
+    kinds = {t.data_type for t in onnx.load(str(tmp_path / "cli.onnx")).graph.initializer if len(t.dims) == 2}
+    assert onnx.TensorProto.UINT8 in kinds and onnx.TensorProto.INT8 not in kinds  # the exact layout by default
+    assert main(["export-onnx", str(tmp_path / "ckpt"), str(tmp_path / "s8.onnx"), "--int8-weights", "int8"]) == 0
+    kinds = {t.data_type for t in onnx.load(str(tmp_path / "s8.onnx")).graph.initializer if len(t.dims) == 2}
+    assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.UINT8 not in kinds
+
+    trt = tmp_path / "trt.onnx"
+    assert main(["export-onnx", str(tmp_path / "ckpt"), str(trt), "--target", "tensorrt", "--dtype", "bfloat16"]) == 0
+    written = onnx.load(str(trt))
+    assert {p.key: p.value for p in written.metadata_props}["qcompile.target"] == "tensorrt"
+    assert {i.type.tensor_type.elem_type for i in written.graph.input} == {onnx.TensorProto.BFLOAT16}
+    capsys.readouterr()
+    for bad in (["--target", "tensorrt", "--int8-weights", "uint8"], ["--dtype", "float16"]):
+        assert main(["export-onnx", str(tmp_path / "ckpt"), str(tmp_path / "bad.onnx"), *bad]) == 2
+        assert "applies to --target" in capsys.readouterr().err
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 # ------------------------------------------------------------------------------------------------ MiniLM

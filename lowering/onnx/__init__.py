@@ -38,7 +38,7 @@ from .graph_cleanup import (
     _set_model_metadata,
     _strip_exporter_metadata,
 )
-from .precision import compute_dtype, retype_floats, source_dtype
+from .precision import compute_dtype, retype_floats, source_dtype, torch_dtype
 from .runtime import INT4_ACCURACY_EXACT, X64_QUANT_PRECISION, onnxruntime_session
 from .save import _write_checked
 from .tensorrt import MAX_OPSET as TENSORRT_MAX_OPSET
@@ -161,10 +161,9 @@ def _check_arguments(opset: int, target: str, dtype, int8_weights):
     if int8_weights not in (None, "int8"):
         raise ValueError(f"int8_weights={int8_weights!r} applies to target='onnxruntime': TensorRT reads INT8 "
                          "weights as signed codes with no zero point")
-    dtype = torch.float16 if dtype is None else dtype
+    dtype = torch_dtype(torch.float16 if dtype is None else dtype)
     compute_dtype(dtype)  # raises for anything but float16 / bfloat16
-    return "int8", {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-                    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)
+    return "int8", dtype
 
 
 def to_onnx_model(module: nn.Module, args: tuple, kwargs: dict, *, opset: int = DEFAULT_OPSET, optimize: bool = True,
@@ -174,7 +173,9 @@ def to_onnx_model(module: nn.Module, args: tuple, kwargs: dict, *, opset: int = 
 
     Every qcompile op in the graph must have a translation: a node without one raises `UntranslatableOpError` naming
     the node, and every quantized node must have become a DequantizeLinear pattern, so a quantized model never turns
-    into a float graph silently. `recipe` only names the recipe in errors.
+    into a float graph silently. `recipe` only names the recipe in errors. With `target="tensorrt"`, `dtype` may also
+    be torch.float32 here: the TensorRT patterns computed in float32, which the tests hold to the QuantizedModel
+    exactly (TensorRT itself needs float16 or bfloat16 around its FP8/FP4/INT4 GEMMs; `export_onnx` refuses it).
     """
     _require_onnx()
     from qcompile.capture import export_program
@@ -214,7 +215,7 @@ def to_onnx_model(module: nn.Module, args: tuple, kwargs: dict, *, opset: int = 
 
         passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     if tensorrt:
-        retype_floats(model, source, compute_dtype(dtype if dtype is not None else torch.float16),
+        retype_floats(model, source, compute_dtype(torch.float16 if dtype is None else dtype, allow_float32=True),
                       translation.keep_float32)
     else:
         _dedicate_qdq_pairs(model)

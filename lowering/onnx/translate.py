@@ -23,6 +23,7 @@ from .weights import (
     _int4_weight,
     _int4_zero_point,
     _int8_weight,
+    _int8_zero_point,
     _uint8_weight,
     _uint8_zero_point,
 )
@@ -49,9 +50,10 @@ def translation_table(translation: _Translation | None = None, opset: int = DEFA
 
     | qcompile op, activation | ONNX pattern | ONNX Runtime CPU runs |
     |---|---|---|
-    | int8, static per-tensor input | `Clip → Q(s, int8) → DQ → MatMul ← DQ(W int8 [K,N], per-channel, axis=1)` | `MatMulIntegerToFloat` |
+    | int8, static per-tensor input | `Clip → Q(s, uint8, 128) → DQ → MatMul ← DQ(W uint8 [K,N] (codes + 128), zero point 128, per-channel, axis=1)` | `MatMulIntegerToFloat` |
     | int8, dynamic per-token input | `s = amax(x)/127 per token; Q(x/s, 1, int8) → DQ → MatMul ← DQ(W) → ·s` | `MatMulIntegerToFloat` |
     | int4/int3 weight-only | `MatMul ← DQ(W INT4/UINT4 [K,N], block_size=g, axis=0)` | `MatMulNBits` |
+    | int4 with fp8 inputs (W4A8) | the INT4 DQ, then `Q/DQ(FLOAT8E4M3FN, per-tensor fp8_scale)` on the weight; inputs as fp8 | Q/DQ + float `MatMul` |
     | fp8 (any scale layout) | `MatMul ← DQ(W FLOAT8E4M3FN [K,N], scale)`; inputs `Q/DQ` to FLOAT8E4M3FN | Q/DQ + float `MatMul` |
     | nvfp4 | `MatMul ← DQ(W FLOAT4E2M1 [K,N], DQ(block scale FLOAT8E4M3FN, global scale), block_size=16)`; inputs likewise, block scales computed per call | (no CPU kernels; `onnx.reference`) |
     """
@@ -66,9 +68,9 @@ def translation_table(translation: _Translation | None = None, opset: int = DEFA
                         input_format, input_granularity)
 
     def qcompile_int4_linear(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale,
-                             input_format, input_granularity):
+                             input_format, input_granularity, fp8_scale=None):
         params = {"group_size": group_size, "bits": bits, "in_features": in_features}
-        return t.linear("int4", x, (packed, scale, zero_point), params, bias, input_scale, input_format,
+        return t.linear("int4", x, (packed, scale, zero_point, fp8_scale), params, bias, input_scale, input_format,
                         input_granularity)
 
     def qcompile_nvfp4_linear(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format,
@@ -167,14 +169,18 @@ class _Translation:
         op = self.op
         if family == "int8":
             weight, scale = values
+            # the zero point (shaped like the scale) is written in place of a second use of the scale
+            w = op.DequantizeLinear(weight, scale, scale, axis=1)
             if self.int8_weights == "uint8":
-                # the zero point (128, shaped like the scale) is written in place of a second use of the scale
-                w = op.DequantizeLinear(weight, scale, scale, axis=1)
                 self.rewrite(w, 0, _uint8_weight, "onnx_uint8")
                 self.rewrite(w, 2, _uint8_zero_point, "onnx_zero_point")
             else:
-                w = op.DequantizeLinear(weight, scale, axis=1)
+                # An explicit int8 zero point of 0, shaped like the scale: with session.x64quantprecision, ONNX
+                # Runtime rewrites int8 weights to uint8 and gives a DequantizeLinear it did not fuse (T5's ReLU
+                # FFN) a scalar zero point of 128 where none was written, which its per-channel kernel then refuses
+                # ("x_zero_point must be null or 1D tensor with size N"); a written one is shifted with its shape.
                 self.rewrite(w, 0, _int8_weight, "onnx_int8")
+                self.rewrite(w, 2, _int8_zero_point, "onnx_zero_point")
             self.rewrite(w, 1, _channel_scale, "onnx_scale")
             return w
         if family == "fp8":
@@ -190,7 +196,7 @@ class _Translation:
             self.rewrite(w, 0, _fp8_weight, "onnx_fp8")
             return w
         if family == "int4":
-            packed, scale, zero_point = values
+            packed, scale, zero_point, fp8_scale = values
             k, g = int(params["in_features"]), int(params["group_size"])
             symmetric = zero_point is None
             inputs = (packed, scale) if symmetric else (packed, scale, zero_point)
@@ -199,6 +205,8 @@ class _Translation:
             self.rewrite(w, 1, lambda s, k=k, g=g: _group_scale(s, k, g), "onnx_scale")
             if not symmetric:
                 self.rewrite(w, 2, lambda z, k=k, g=g: _int4_zero_point(z, k, g), "onnx_zero_point")
+            if fp8_scale is not None:  # W4A8 (docs/formats.md#w4a8): code x group scale rounded through FP8
+                w = op.DequantizeLinear(op.QuantizeLinear(w, fp8_scale, self.fp8_zero()), fp8_scale, self.fp8_zero())
             return w
         if family == "nvfp4":
             packed, block_scale, global_scale = values

@@ -43,6 +43,14 @@ def _uint8_zero_point(s: torch.Tensor):
     return ir.tensor(torch.full(shape, 128, dtype=torch.uint8).numpy())
 
 
+def _int8_zero_point(s: torch.Tensor):
+    """0 in int8, shaped like `_channel_scale(s)`."""
+    import onnx_ir as ir
+
+    shape = () if s.numel() == 1 else (s.numel(),)
+    return ir.tensor(torch.zeros(shape, dtype=torch.int8).numpy())
+
+
 def _channel_scale(s: torch.Tensor):
     """Per-tensor scales stay scalars; per-channel `[N, 1]` scales become `[N]` (axis 1 of the `[K, N]` weight)."""
     import onnx_ir as ir
@@ -53,11 +61,15 @@ def _channel_scale(s: torch.Tensor):
     return ir.tensor(s.reshape(-1).contiguous().numpy())
 
 
-def _fp8_weight(w: torch.Tensor):
+def _fp8_weight(w: torch.Tensor, k: int | None = None):
+    """FP8 codes `[K, N]`; with `k` past the stored K, zero codes pad the rows up to `k`."""
     import ml_dtypes
     import onnx_ir as ir
 
-    return ir.tensor(w.t().contiguous().view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn))
+    codes = w.view(torch.uint8)
+    if k is not None and k > codes.shape[1]:
+        codes = torch.nn.functional.pad(codes, (0, k - codes.shape[1]))
+    return ir.tensor(codes.t().contiguous().numpy().view(ml_dtypes.float8_e4m3fn))
 
 
 def _fp8_block_scale(s: torch.Tensor, block: int, n: int):
@@ -108,6 +120,25 @@ def _fp8_group_scale(s: torch.Tensor, k: int, group: int):
     import onnx_ir as ir
 
     s = s.t()[: -(-k // group)].contiguous()
+    return ir.tensor(s.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn))
+
+
+def _fp4_weight_nk(packed: torch.Tensor, k: int):
+    """FLOAT4E2M1 codes as stored, `[N, k]` (blocks of 16 along the last axis; `k` at most the padded K)."""
+    import onnx_ir as ir
+
+    from qcompile.numerics import unpack_nibbles
+
+    codes = unpack_nibbles(packed)[:, :k].contiguous()
+    return ir.PackedTensor(_pack_flat(codes), ir.DataType.FLOAT4E2M1, shape=ir.Shape(list(codes.shape)))
+
+
+def _fp8_block_scale_nk(s: torch.Tensor, k: int, group: int):
+    """FP8 block scales as stored, `[N, ceil(k/group)]`."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    s = s[:, : -(-k // group)].contiguous()
     return ir.tensor(s.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn))
 
 
