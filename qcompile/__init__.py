@@ -187,7 +187,8 @@ def convert(prepared: PreparedModel, *, calib: Iterable | Callable | None = None
         kv_calib = calib if calib is not None else lambda model: [model(*args, **kwargs) for args, kwargs in kept]
         kv_layers = _quantize_kv_cache(graph, recipe.kv_cache, kv_calib, prepared.expected_call, progress)
     prepared.kept_batches = []
-    return QuantizedModel(graph, recipe, layers, prepared.example, algorithms.describe(recipe), prepared.float_bytes,
+    return QuantizedModel(graph, recipe, layers, prepared.example,
+                          algorithms.describe(recipe, sequential=calibration_forward is not None), prepared.float_bytes,
                           prepared.tree, kv_layers=kv_layers)
 
 

@@ -263,7 +263,11 @@ def salient_batch(seed: int, rows: int = 256, features: int = 256):
 
 @pytest.mark.parametrize("preset", ["int4_awq", "w4a8_awq", "nvfp4"])
 def test_awq_beats_round_to_nearest_on_salient_channels(preset):
-    """Measured: int4 0.050 vs 0.069, w4a8 0.057 vs 0.074, nvfp4 (W4A4) 0.057 vs 0.131."""
+    """Measured: int4 0.050 vs 0.069, w4a8 0.065 vs 0.076, nvfp4 (W4A4) 0.057 vs 0.131.
+
+    W4A8's weights also pass through FP8 under one per-tensor scale (docs/formats.md#w4a8): AWQ's scaled-up salient
+    columns raise that scale, so the FP8 rounding of the other weights costs AWQ part of its gain (0.057 before the
+    FP8 stage was modelled)."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(256, 192))
     calib = [salient_batch(i) for i in range(4)]
@@ -274,7 +278,7 @@ def test_awq_beats_round_to_nearest_on_salient_channels(preset):
     rtn = qc.quantize(model, dataclasses.replace(recipe, algorithm="max"), calib=calib, progress=False)
     error_awq, error_rtn = rel(_output(awq_model, x), y), rel(_output(rtn, x), y)
     assert awq_model.algorithm == "awq (scale search + clip search)"
-    assert error_awq < 0.85 * error_rtn, (error_awq, error_rtn)
+    assert error_awq < (0.9 if preset == "w4a8_awq" else 0.85) * error_rtn, (error_awq, error_rtn)
 
 
 def test_awq_searches_help_on_their_own():

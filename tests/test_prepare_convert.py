@@ -55,6 +55,15 @@ def test_sequential_gptq_reruns_the_batches_given_to_convert():
         assert torch.equal(staged(x), whole(x))
     assert "sequential" in staged.algorithm
 
+    # without the batches, GPTQ runs its one-shot form on the x^T x observed while calibrating, and says so
+    prepared = qc.prepare(model, "int4_gptq", example_inputs=(calib[0],))
+    for batch in calib:
+        prepared(batch)
+    one_shot = qc.convert(prepared, progress=False)
+    assert "one-shot" in one_shot.algorithm and "sequential" not in one_shot.algorithm
+    with torch.no_grad():
+        assert not torch.equal(one_shot(x), whole(x))
+
 
 def test_one_calibration_converts_to_several_recipes():
     """A model prepared for AWQ (sampled rows and x^T x) converts with any recipe needing no more."""
