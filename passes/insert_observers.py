@@ -35,6 +35,9 @@ class ActivationObserver(nn.Module):
         self.rows_seen = 0
         self.samples: list[Tensor] = []
         self.batches = 0
+        # (offset, stride) of this process's batches among all (qcompile.distributed): the fold of a batch is the
+        # parity of its index among all batches, as in one process
+        self.batch_numbering = (0, 1)
         self._generator = torch.Generator().manual_seed(0)
 
     @property
@@ -109,7 +112,8 @@ class ActivationObserver(nn.Module):
                 self.channel_amax = torch.maximum(self.channel_amax, channel_amax)
                 self.channel_abs_sum = self.channel_abs_sum + channel_sum
             self.amax = self.channel_amax.amax()
-            fold = self.batches % 2
+            offset, stride = self.batch_numbering
+            fold = (offset + self.batches * stride) % 2
             previous = self.fold_channel_amax[fold]
             self.fold_channel_amax[fold] = channel_amax if previous is None else torch.maximum(previous, channel_amax)
             if self.wants_hessian:

@@ -258,6 +258,8 @@ def _quantize_streaming(args: argparse.Namespace, recipe, target: Path, dtype, s
 
     if args.format not in ("compressed-tensors", "modelopt"):
         raise _BadInput(f"--stream writes compressed-tensors or modelopt checkpoints, not --format {args.format}")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the first process speaks for all
+        stage = lambda message: None  # noqa: E731
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError) as error:

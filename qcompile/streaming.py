@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qcompile import algorithms
+from qcompile import algorithms, distributed
 from qcompile.atomic import swap_into_place
 from qcompile.calibration import as_call
 from qcompile.recipes import Recipe, resolve_recipe
@@ -229,13 +229,15 @@ def _layer_inputs(layout: _Layout, calib: Iterable) -> list[tuple]:
 class _ShardWriter:
     """Safetensors shards of at most `max_bytes`, written as tensors arrive, named and indexed at the end."""
 
-    def __init__(self, directory: Path, max_bytes: int):
+    def __init__(self, directory: Path | None, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
         self.pending: dict[str, Tensor] = {}
         self.pending_bytes = 0
         self.parts: list[tuple[Path, list[str], int]] = []
 
     def add(self, tensors: dict[str, Tensor]) -> None:
+        if self.directory is None:  # a process that does not write (distributed calibration, rank > 0)
+            return
         for key, value in tensors.items():
             value = value.detach().contiguous().cpu()
             nbytes = value.numel() * value.element_size()
@@ -332,8 +334,12 @@ def quantize_checkpoint(
         recipe = dataclasses.replace(recipe, explicit_input_scales=False)
     if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-    calib = list(calib)
-    sequential = algorithms.needs(recipe).sequential
+    rank, size = distributed.init_from_environment()
+    calib = distributed.share(list(calib), rank, size) if size > 1 else list(calib)
+    # across processes, GPTQ runs its one-shot form on the combined x^T x (a sequential rerun would see one
+    # process's batches only), so every algorithm calibrates each layer on the float model's activations
+    sequential = algorithms.needs(recipe).sequential and size == 1
+    writes = rank == 0
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if dtype is None:
@@ -345,7 +351,7 @@ def quantize_checkpoint(
     layout = _Layout.of(model)
     reader = CheckpointReader(model_dir)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    say = (lambda message: print(message, flush=True)) if progress else (lambda message: None)
+    say = (lambda message: print(message, flush=True)) if progress and writes else (lambda message: None)
 
     # the parts in front of the layers: embeddings on the CPU, rotary tables computed
     _load(layout.body.embed_tokens, "model.embed_tokens.", reader, dtype)
@@ -353,8 +359,10 @@ def quantize_checkpoint(
     inputs = _layer_inputs(layout, calib)
     del calib
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = None
+    if writes:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         shards = _ShardWriter(staging, STREAMING_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
         shards.add(_prefixed("model.embed_tokens.", _float_tensors(layout.body.embed_tokens, set(), dtype)))
@@ -366,7 +374,7 @@ def quantize_checkpoint(
             block = _Block(i, layer).eval()
             with torch.no_grad():
                 outputs = None if sequential else [block(*call) for call in inputs]
-            qm = qcompile.quantize(block, recipe, calib=inputs, progress=False)
+            qm = _quantize(block, recipe, inputs, size)
             tree = block
             if isinstance(qm, qcompile.QuantizedModel):
                 descriptions.add(qm.algorithm)
@@ -387,8 +395,7 @@ def quantize_checkpoint(
         aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else None
         _load(layout.model.lm_head, "lm_head.", reader, dtype, aliases)
         head = _Head(layout.body.norm, layout.model.lm_head).eval()
-        qm = qcompile.quantize(head, recipe, calib=[(call[0],) for call in inputs], progress=False) \
-            if not recipe.excludes("lm_head") else head
+        qm = _quantize(head, recipe, [(call[0],) for call in inputs], size) if not recipe.excludes("lm_head") else head
         tree = qm.as_module() if isinstance(qm, qcompile.QuantizedModel) else head
         head_tensors = _layer_tensors(tree, writer, quantized, dtype)
         if tied and "lm_head" not in quantized:
@@ -397,6 +404,9 @@ def quantize_checkpoint(
         del qm, tree, head, inputs
         if not quantized:
             raise ExportError("the model has no quantized layer to export")
+        if not writes:
+            distributed.barrier()  # until rank 0 has written the directory
+            return target
         shards.finish()
 
         config_dict = config.to_dict()
@@ -413,12 +423,34 @@ def quantize_checkpoint(
         for file_name, data in getattr(writer, "extra_files", lambda *args: {})(recipe, layout.model, names).items():
             (staging / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         swap_into_place(staging, target)
+        distributed.barrier()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     say(f"wrote {target} ({', '.join(sorted(descriptions)) or 'no layer quantized'}; "
         f"{time.perf_counter() - started:.0f} s)")
     return target
+
+
+def _quantize(part: nn.Module, recipe: Recipe, calls: list[tuple], processes: int):
+    """`qcompile.quantize(part, recipe, calib=calls)`; across processes, with the observers combined between
+    calibration and conversion."""
+    import qcompile
+    from qcompile.calibration import run_calibration
+
+    if processes == 1:
+        return qcompile.quantize(part, recipe, calib=calls, progress=False)
+    prepared = qcompile.prepare(part, recipe, example_inputs=calls[0])
+    if not isinstance(prepared, qcompile.PreparedModel):
+        return prepared  # nothing to quantize
+    if algorithms.needs(recipe).calibration:
+        rank, size = distributed.world()
+        for observer in prepared.observers.values():
+            observer.batch_numbering = (rank, size)  # batch j of this process is batch j * size + rank of all
+        run_calibration(prepared, calls, progress=False, expected=prepared.expected_call)
+        distributed.reduce_observers(prepared.observers)
+    return qcompile.convert(prepared, progress=False)
 
 
 def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -217,6 +217,36 @@ def test_cli_stream_equals_the_in_memory_cli(sources, tmp_path, capsys):
     assert "--stream writes compressed-tensors or modelopt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("recipe", ["fp8", "int8_sq"])
+def test_two_processes_equal_one(sources, recipe, tmp_path):
+    """`torchrun --nproc-per-node 2` (gloo): each process calibrates on every other batch and the observers are
+    combined. Max calibration gives the one-process checkpoint bit for bit; SmoothQuant's sums and sampled rows
+    come in another order, so its checkpoint is close (same keys, scales within float rounding of each other)."""
+    _, folder = sources[torch.float32]
+    calib = hf_zoo.batches("llama", count=4)
+    single = quantize_checkpoint(folder, tmp_path / "single", recipe, calib, progress=False)
+    torch.save(calib, tmp_path / "calib.pt")
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch, qcompile
+        calib = torch.load({str(tmp_path / "calib.pt")!r})
+        qcompile.quantize_checkpoint({str(folder)!r}, {str(tmp_path / "two")!r}, {recipe!r}, calib, progress=False)
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = _tensors(single), _tensors(tmp_path / "two")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        if recipe == "fp8":
+            assert torch.equal(got[key], want[key]), key
+        elif want[key].is_floating_point():
+            torch.testing.assert_close(got[key].float(), want[key].float(), rtol=0.02, atol=1e-6)
+    assert (tmp_path / "two" / "config.json").read_text() == (single / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt", "run.py", "single", "two"]
+
+
 def test_bad_input_is_named(sources, tmp_path):
     _, folder = sources[torch.float32]
     calib = hf_zoo.batches("llama")
