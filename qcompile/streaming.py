@@ -226,51 +226,6 @@ def _layer_inputs(layout: _Layout, calib: Iterable) -> list[tuple]:
 # ------------------------------------------------------------------------------------------- writing
 
 
-class _ShardWriter:
-    """Safetensors shards of at most `max_bytes`, written as tensors arrive, named and indexed at the end."""
-
-    def __init__(self, directory: Path | None, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, Tensor] = {}
-        self.pending_bytes = 0
-        self.parts: list[tuple[Path, list[str], int]] = []
-
-    def add(self, tensors: dict[str, Tensor]) -> None:
-        if self.directory is None:  # a process that does not write (distributed calibration, rank > 0)
-            return
-        for key, value in tensors.items():
-            value = value.detach().contiguous().cpu()
-            nbytes = value.numel() * value.element_size()
-            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-                self._flush()
-            self.pending[key] = value.clone() if any(value.data_ptr() == v.data_ptr() for v in self.pending.values()) \
-                else value
-            self.pending_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.directory / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
-        self.parts.append((path, sorted(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        if self.pending or not self.parts:
-            self._flush()
-        if len(self.parts) == 1:
-            self.parts[0][0].rename(self.directory / "model.safetensors")
-            return
-        weight_map, total = {}, 0
-        for i, (path, keys, nbytes) in enumerate(self.parts, 1):
-            name = f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
-            path.rename(self.directory / name)
-            weight_map.update(dict.fromkeys(keys, name))
-            total += nbytes
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def _float_tensors(tree: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
     out = {}
     for key, value in tree.state_dict().items():
@@ -317,8 +272,7 @@ def quantize_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import qcompile
-    from qcompile.checkpoints import FORMATS, ExportError
-    from qcompile.quantized_modules import QuantizedLinear
+    from qcompile.checkpoints import FORMATS, ExportError, ShardWriter, write_metadata
 
     model_dir, target = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -364,7 +318,7 @@ def quantize_checkpoint(
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        shards = _ShardWriter(staging, STREAMING_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+        shards = ShardWriter(staging, STREAMING_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
         shards.add(_prefixed("model.embed_tokens.", _float_tensors(layout.body.embed_tokens, set(), dtype)))
         quantized: set[str] = set()
         descriptions = set()
@@ -409,19 +363,13 @@ def quantize_checkpoint(
             return target
         shards.finish()
 
-        config_dict = config.to_dict()
-        config_dict["dtype"] = str(dtype).removeprefix("torch.")
-        config_dict.pop("torch_dtype", None)
-        config_dict["use_cache"] = True
-        names = dict.fromkeys(sorted(quantized))
-        config_dict["quantization_config"] = writer.quantization_config(recipe, layout.model, names)
-        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        generation = None
         if (model_dir / "generation_config.json").is_file():
-            shutil.copy(model_dir / "generation_config.json", staging / "generation_config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for file_name, data in getattr(writer, "extra_files", lambda *args: {})(recipe, layout.model, names).items():
-            (staging / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            from transformers import GenerationConfig
+
+            generation = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+        write_metadata(staging, config, dtype, writer, recipe, layout.model, dict.fromkeys(sorted(quantized)),
+                       tokenizer, generation)
         swap_into_place(staging, target)
         distributed.barrier()
     except BaseException:

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from qcompile.atomic import swap_into_place
@@ -89,24 +88,15 @@ def export_hf(
         tensors[key] = value.to(dtype) if value.is_floating_point() else value
     tensors = _without_tied_copies(tree, tensors)
 
-    config_dict = config.to_dict()
-    config_dict["dtype"] = str(dtype).removeprefix("torch.")
-    config_dict.pop("torch_dtype", None)
-    config_dict["use_cache"] = True
-    config_dict["quantization_config"] = writer.quantization_config(qm.recipe, tree, quantized)
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _write_shards(staging, tensors, max_shard_bytes)
-        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        generation = getattr(tree, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for file_name, data in getattr(writer, "extra_files", lambda *args: {})(qm.recipe, tree, quantized).items():
-            (staging / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        shards = ShardWriter(staging, max_shard_bytes)
+        for key in sorted(tensors):
+            shards.add({key: tensors[key]})
+        shards.finish()
+        write_metadata(staging, config, dtype, writer, qm.recipe, tree, quantized, tokenizer,
+                       getattr(tree, "generation_config", None))
         swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -123,28 +113,66 @@ def _without_tied_copies(tree: nn.Module, tensors: dict[str, Tensor]) -> dict[st
     return {k: v for k, v in tensors.items() if k not in tied}
 
 
-def _write_shards(directory: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> None:
-    shards: list[dict[str, Tensor]] = [{}]
-    size, stored = 0, set()
-    for key in sorted(tensors):
-        value = tensors[key].detach().contiguous().cpu()
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size, stored = 0, set()
-        # safetensors refuses tensors of one file that share memory
-        shards[-1][key] = value.clone() if value.data_ptr() in stored else value
-        stored.add(value.data_ptr())
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        for key, value in shard.items():
-            weight_map[key] = name
-            total += value.numel() * value.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+class ShardWriter:
+    """Safetensors shards of at most `max_bytes`, written as tensors arrive (a shard as soon as it is full), named
+    `model-0000i-of-0000n.safetensors` with their index at the end, or `model.safetensors` when one suffices."""
+
+    def __init__(self, directory: Path | None, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[tuple[Path, list[str], int]] = []
+
+    def add(self, tensors: dict[str, Tensor]) -> None:
+        if self.directory is None:  # a process that writes nothing (distributed calibration, rank > 0)
+            return
+        for key, value in tensors.items():
+            value = value.detach().contiguous().cpu()
+            nbytes = value.numel() * value.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self._flush()
+            self.pending[key] = value.clone() if any(value.data_ptr() == v.data_ptr() for v in self.pending.values()) \
+                else value
+            self.pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.directory / f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.parts.append((path, sorted(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.parts:
+            self._flush()
+        if len(self.parts) == 1:
+            self.parts[0][0].rename(self.directory / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, (path, keys, nbytes) in enumerate(self.parts, 1):
+            name = f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update(dict.fromkeys(keys, name))
+            total += nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_metadata(directory: Path, config, dtype: torch.dtype, writer, recipe, tree: nn.Module, quantized: dict,
+                   tokenizer=None, generation_config=None) -> None:
+    """`config.json` with the format's `quantization_config`, the generation config, the tokenizer's files and the
+    format's own files (Model Optimizer's `hf_quant_config.json`). `tree` is the model's module tree (its linears
+    not in `quantized` are listed as ignored)."""
+    config_dict = config.to_dict()
+    config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    config_dict.pop("torch_dtype", None)
+    config_dict["use_cache"] = True
+    config_dict["quantization_config"] = writer.quantization_config(recipe, tree, quantized)
+    (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    for file_name, data in getattr(writer, "extra_files", lambda *args: {})(recipe, tree, quantized).items():
+        (directory / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
