@@ -265,9 +265,11 @@ def quantize_checkpoint(
 
     `calib`: calibration batches as the model takes them (dicts of `input_ids`, optionally `attention_mask`).
     `dtype`: the dtype the layers compute and the unquantized tensors are written in (default: the checkpoint's,
-    `config.json`'s `dtype`). `max_shard_bytes`: 1 GiB by default (`export_hf` writes 5 GB shards): a shard's tensors
-    wait in memory until it is written, so smaller shards keep the peak lower. The output directory is built in a temporary sibling and renamed into place; an existing
-    non-empty `out_dir` is refused unless `overwrite`. Returns `out_dir`.
+    `config.json`'s `dtype`). `max_shard_bytes`: 1 GiB by default (`export_hf` writes 5 GB shards): a shard's
+    tensors wait in memory until it is written, so smaller shards keep the peak lower. The output directory is
+    built in a temporary sibling and renamed into place; an existing non-empty `out_dir` is refused unless
+    `overwrite`. Under torchrun the calibration is split across the processes (`qcompile.distributed`) and rank 0
+    writes. Returns `out_dir`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
