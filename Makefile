@@ -23,8 +23,10 @@ PASSIVE := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
 demo: $(STAMP)
 	$(PASSIVE) $(BIN)/python -m qcompile.demo
 
+# Two workers: the suite is mostly single-threaded tracing and compiling (17 min in one process on the 2-core CI
+# machine, 12 min in two).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
