@@ -226,15 +226,6 @@ def _layer_inputs(layout: _Layout, calib: Iterable) -> list[tuple]:
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _float_tensors(tree: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    out = {}
-    for key, value in tree.state_dict().items():
-        if key.rpartition(".")[0] in skip:
-            continue
-        out[key] = value.to(dtype) if value.is_floating_point() else value
-    return out
-
-
 def _rss_gb() -> float | None:
     try:
         with open("/proc/self/statm") as f:
@@ -321,8 +312,8 @@ def quantize_checkpoint(
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         shards = ShardWriter(staging, STREAMING_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
-        shards.add(_prefixed("model.embed_tokens.", _float_tensors(layout.body.embed_tokens, set(), dtype)))
         quantized: set[str] = set()
+        shards.add(_prefixed("model.embed_tokens.", _layer_tensors(layout.body.embed_tokens, writer, quantized, dtype)))
         descriptions = set()
         started = time.perf_counter()
         for i, layer in enumerate(layout.layers):
@@ -408,15 +399,9 @@ def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _layer_tensors(tree: nn.Module, writer, quantized: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """A streamed part's tensors as `export_hf` writes them: each quantized linear as the format stores it, every
-    other tensor in `dtype`. Adds the quantized linears' names to `quantized`."""
-    from qcompile.quantized_modules import QuantizedLinear
+    """A streamed part's tensors as `export_hf` writes them; adds its quantized linears' names to `quantized`."""
+    from qcompile.checkpoints import module_tensors
 
-    tensors, here = {}, set()
-    for name, module in tree.named_modules():
-        if isinstance(module, QuantizedLinear):
-            here.add(name)
-            tensors.update(_prefixed(f"{name}.", writer.layer_tensors(name, module, dtype)))
-    tensors.update(_float_tensors(tree, here, dtype))
+    tensors, here = module_tensors(tree, writer, dtype)
     quantized.update(here)
     return tensors

@@ -67,13 +67,7 @@ def export_hf(
         raise ExportError(f"{moe}: models with fused MoE experts cannot be exported to {format} yet "
                           "(save with qm.save() or export ONNX)")
 
-    tensors: dict[str, Tensor] = {}
-    quantized: dict[str, QuantizedLinear] = {}
-    for name, module in tree.named_modules():
-        if isinstance(module, QuantizedLinear):
-            quantized[name] = module
-            for key, value in writer.layer_tensors(name, module, dtype).items():
-                tensors[f"{name}.{key}"] = value
+    tensors, quantized = module_tensors(tree, writer, dtype)
     if not quantized:
         raise ExportError("the model has no quantized layer to export")
     kv_reports = {report.name: report for report in getattr(qm, "kv_layers", [])}
@@ -81,11 +75,6 @@ def export_hf(
         quantization = getattr(module, "qcompile_kv", None)
         if quantization is not None:
             tensors.update(writer.kv_cache_tensors(kv_reports[name], quantization))
-    for key, value in tree.state_dict(keep_vars=False).items():
-        owner = key.rpartition(".")[0]
-        if owner in quantized or owner.endswith("qcompile_kv"):
-            continue
-        tensors[key] = value.to(dtype) if value.is_floating_point() else value
     tensors = _without_tied_copies(tree, tensors)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +91,25 @@ def export_hf(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def module_tensors(tree: nn.Module, writer,
+                   dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, QuantizedLinear]]:
+    """The tensors of `tree` as the format `writer` stores them: each `QuantizedLinear` as the format's tensors, every
+    other tensor (KV-cache quantizers aside) cast to `dtype` if floating. Returns them and the quantized linears."""
+    tensors: dict[str, Tensor] = {}
+    quantized: dict[str, QuantizedLinear] = {}
+    for name, module in tree.named_modules():
+        if isinstance(module, QuantizedLinear):
+            quantized[name] = module
+            for key, value in writer.layer_tensors(name, module, dtype).items():
+                tensors[f"{name}.{key}"] = value
+    for key, value in tree.state_dict(keep_vars=False).items():
+        owner = key.rpartition(".")[0]
+        if owner in quantized or owner.endswith("qcompile_kv"):
+            continue
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    return tensors, quantized
 
 
 def _without_tied_copies(tree: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
