@@ -79,7 +79,9 @@ def group_weight_amax(sites: list[LinearSite], spec: QuantSpec, through_fp8: boo
         return {}
     shared = {}
     for group in shared_input_groups(sites):
-        amax = torch.stack([site.weight.detach().float().abs().amax() for site in group]).amax()
+        # max(|min|, |max|): the same value as abs().amax() without a copy of the weight
+        amax = torch.stack([torch.maximum(w.amin().abs(), w.amax().abs()).float()
+                            for w in (site.weight.detach() for site in group)]).amax()
         shared.update({site.name: amax for site in group})
     return shared
 
@@ -97,6 +99,56 @@ def _quantize_weight(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype |
         raise NotImplementedError(f"{spec.format} weights are quantized per {' or '.join(fmt.weight_granularities)}, "
                                   f"not per {spec.granularity!r}")
     return fmt.quantize_weight(weight, spec, model_dtype, group_amax, through_fp8)
+
+
+# rows of a weight quantized at a time when converting: the formats' float32 temporaries then stay near 2M elements
+# (a few tens of MB) instead of several copies of the whole weight (docs/streaming.md#memory)
+CHUNK_ELEMENTS = 2**21
+
+
+def quantize_weight_in_chunks(weight: Tensor, spec: QuantSpec, model_dtype: torch.dtype | None = None,
+                              group_amax: Tensor | None = None, through_fp8: bool = False
+                              ) -> tuple[dict[str, Tensor], dict, float]:
+    """`_quantize_weight` a block of rows at a time, with the weight's SQNR in dB instead of its dequantized copy.
+
+    Every format quantizes rows independently once its per-tensor amax is fixed (`group_amax`), so the stored
+    tensors equal the whole weight's bit for bit: per-row tensors (codes, channel/group/block scales) are joined
+    along rows, per-tensor ones are the same in every block. Weights whose per-tensor scale is not given, and
+    small ones, are quantized whole."""
+    fmt = formats.FORMATS[spec.format]
+    needs_amax = fmt.shared_tensor_scale(spec.granularity) or through_fp8
+    rows, cols = (weight.shape[0], weight[0].numel()) if weight.dim() >= 2 else (1, weight.numel())
+    block_rows = 1
+    if spec.granularity == "block" and fmt.fixed_block is None:  # square FP8 blocks span rows
+        size = spec.block_size
+        block_rows = size[0] if isinstance(size, tuple) else int(size)
+    step = max(block_rows, CHUNK_ELEMENTS // max(cols, 1) // block_rows * block_rows)
+    if weight.dim() < 2 or rows <= step or (needs_amax and group_amax is None):
+        tensors, int_args, dequantized = _quantize_weight(weight, spec, model_dtype, group_amax, through_fp8)
+        return tensors, int_args, _sqnr_db(weight, dequantized)
+    model_dtype = weight.dtype if model_dtype is None else model_dtype
+    parts: dict[str, list[Tensor]] = {}
+    whole: dict[str, Tensor] = {}
+    signal = noise = 0.0
+    int_args = {}
+    for start in range(0, rows, step):
+        chunk = weight[start:start + step]
+        tensors, int_args, dequantized = _quantize_weight(chunk, spec, model_dtype, group_amax, through_fp8)
+        per_row = {chunk.shape[0], -(-chunk.shape[0] // block_rows)}
+        for key, value in tensors.items():
+            if key in whole or (start == 0 and (value.dim() == 0 or value.shape[0] not in per_row)):
+                if key in whole and not torch.equal(whole[key], value):
+                    raise AssertionError(f"per-tensor {key!r} differs between row blocks")
+                whole[key] = value
+            else:
+                parts.setdefault(key, []).append(value)
+        reference = chunk.double()
+        signal += reference.pow(2).sum().item()
+        noise += (reference - dequantized.double()).pow(2).sum().item()
+        del dequantized, reference
+    tensors = {key: whole[key] if key in whole else torch.cat(parts[key]) for key in tensors}
+    db = math.inf if noise == 0.0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    return tensors, int_args, db
 
 
 def fake_quantize_weight(weight: Tensor, spec: QuantSpec, through_fp8: bool = False) -> Tensor:
@@ -200,8 +252,8 @@ def quantize_linears(
     through_fp8 = formats.weights_through_fp8(recipe.weights, recipe.inputs)
     shared_amax = group_weight_amax(sites, recipe.weights, through_fp8)
     for site in sites:
-        tensors, int_args, dequantized = _quantize_weight(site.weight.detach(), recipe.weights, site.source.dtype,
-                                                          shared_amax.get(site.name), through_fp8)
+        tensors, int_args, sqnr_db = quantize_weight_in_chunks(site.weight.detach(), recipe.weights, site.source.dtype,
+                                                               shared_amax.get(site.name), through_fp8)
         prefix = _attribute_prefix(site.name)
         attr_nodes = {}
         with gm.graph.inserting_before(site.node):
@@ -244,7 +296,7 @@ def quantize_linears(
                 out_features=site.out_features,
                 in_features=site.in_features,
                 weight_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-                weight_sqnr_db=_sqnr_db(site.weight.detach(), dequantized),
+                weight_sqnr_db=sqnr_db,
             )
         )
     gm.graph.lint()

@@ -30,10 +30,9 @@ from torch import Tensor, nn
 from qcompile import algorithms, distributed
 from qcompile.atomic import swap_into_place
 from qcompile.calibration import as_call
+from qcompile.checkpoints.shards import INDEX_FILE as _INDEX_FILE
 from qcompile.recipes import Recipe, resolve_recipe
 
-_INDEX_FILE = "model.safetensors.index.json"
-STREAMING_SHARD_BYTES = 2**30
 
 
 class StreamingError(ValueError):
@@ -256,8 +255,8 @@ def quantize_checkpoint(
 
     `calib`: calibration batches as the model takes them (dicts of `input_ids`, optionally `attention_mask`).
     `dtype`: the dtype the layers compute and the unquantized tensors are written in (default: the checkpoint's,
-    `config.json`'s `dtype`). `max_shard_bytes`: 1 GiB by default (`export_hf` writes 5 GB shards): a shard's
-    tensors wait in memory until it is written, so smaller shards keep the peak lower. The output directory is
+    `config.json`'s `dtype`). `max_shard_bytes`: 5 GB by default, as `export_hf`; a layer's tensors go to disk as soon
+    as it is quantized and shards are assembled from them, so the shard size does not raise the peak. The output directory is
     built in a temporary sibling and renamed into place; an existing non-empty `out_dir` is refused unless
     `overwrite`. Under torchrun the calibration is split across the processes (`qcompile.distributed`) and rank 0
     writes. Returns `out_dir`.
@@ -265,7 +264,7 @@ def quantize_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import qcompile
-    from qcompile.checkpoints import FORMATS, ExportError, ShardWriter, write_metadata
+    from qcompile.checkpoints import FORMATS, MAX_SHARD_BYTES, ExportError, ShardWriter, write_metadata
 
     model_dir, target = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -311,9 +310,10 @@ def quantize_checkpoint(
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        shards = ShardWriter(staging, STREAMING_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+        shards = ShardWriter(staging, MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes, spill=True)
         quantized: set[str] = set()
         shards.add(_prefixed("model.embed_tokens.", _layer_tensors(layout.body.embed_tokens, writer, quantized, dtype)))
+        _free(layout.body.embed_tokens)  # written; a tied lm_head reads its copy from the checkpoint again
         descriptions = set()
         started = time.perf_counter()
         for i, layer in enumerate(layout.layers):

@@ -8,6 +8,7 @@ model's activations, or for GPTQ the quantized earlier layers'), and a `config.j
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import hf_zoo  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import qcompile as qc  # noqa: E402
+from qcompile.recipes import QuantSpec  # noqa: E402
 from qcompile.streaming import StreamingError, quantize_checkpoint  # noqa: E402
 
 CASES = [  # (recipe, format, model dtype)
@@ -272,3 +274,34 @@ def test_bad_input_is_named(sources, tmp_path):
         quantize_checkpoint(folder, tmp_path / "taken", "fp8", calib)
     assert (tmp_path / "taken" / "file").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "taken"]  # nothing half-written
+
+
+@pytest.mark.parametrize("spec, through_fp8", [
+    (QuantSpec("int8", "channel"), False), (QuantSpec("int8", "tensor"), False),
+    (QuantSpec("fp8_e4m3", "tensor"), False), (QuantSpec("fp8_e4m3", "channel"), False),
+    (QuantSpec("fp8_e4m3", "block", block_size=(128, 128)), False),
+    (QuantSpec("int4", "group", block_size=128), False), (QuantSpec("int4", "group", block_size=32, symmetric=False), False),
+    (QuantSpec("int3", "group", block_size=64), False), (QuantSpec("int4", "group", block_size=128), True),
+    (QuantSpec("nvfp4", "block", block_size=16), False),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_quantized_in_row_blocks_equal_whole(spec, through_fp8, dtype, monkeypatch):
+    """Conversion quantizes big weights a block of rows at a time (the peak of a streamed layer): the stored tensors
+    equal the whole weight's, and the SQNR the float64 one, on awkward shapes (rows not a multiple of the block)."""
+    from qcompile.passes import quantize_linears as ql
+
+    monkeypatch.setattr(ql, "CHUNK_ELEMENTS", 300 * 40)
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(517, 300, generator=g) * torch.rand(517, 1, generator=g) * 3).to(dtype)
+    weight[5:9] = 0  # zero rows: zero scales
+    amax = weight.float().abs().amax()
+    whole, whole_args, dequantized = ql._quantize_weight(weight, spec, dtype, amax, through_fp8)
+    blocks, block_args, db = ql.quantize_weight_in_chunks(weight, spec, dtype, amax, through_fp8)
+    assert block_args == whole_args and sorted(blocks) == sorted(whole)
+    for key in whole:
+        assert blocks[key].dtype == whole[key].dtype and blocks[key].shape == whole[key].shape, key
+        assert torch.equal(blocks[key].view(torch.uint8) if blocks[key].dtype == torch.float8_e4m3fn else blocks[key],
+                           whole[key].view(torch.uint8) if whole[key].dtype == torch.float8_e4m3fn else whole[key]), key
+    reference = weight.double()
+    expected = 10 * math.log10(reference.pow(2).sum().item() / (reference - dequantized.double()).pow(2).sum().item())
+    assert db == pytest.approx(expected, rel=1e-9)

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from qcompile.atomic import swap_into_place
 from qcompile.checkpoints import compressed_tensors, modelopt
+from qcompile.checkpoints.shards import ShardWriter
 from qcompile.quantized_modules import QuantizedLinear
 
 FORMATS = {"compressed-tensors": compressed_tensors, "modelopt": modelopt}
 MAX_SHARD_BYTES = 5 * 10**9
-_INDEX_FILE = "model.safetensors.index.json"
 
 
 class ExportError(ValueError):
@@ -119,52 +119,6 @@ def _without_tied_copies(tree: nn.Module, tensors: dict[str, Tensor]) -> dict[st
     if getattr(tree.config, "tie_word_embeddings", False):
         tied = set(keys) if isinstance(keys, (list, tuple, set)) else set(keys.keys())
     return {k: v for k, v in tensors.items() if k not in tied}
-
-
-class ShardWriter:
-    """Safetensors shards of at most `max_bytes`, written as tensors arrive (a shard as soon as it is full), named
-    `model-0000i-of-0000n.safetensors` with their index at the end, or `model.safetensors` when one suffices."""
-
-    def __init__(self, directory: Path | None, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, Tensor] = {}
-        self.pending_bytes = 0
-        self.parts: list[tuple[Path, list[str], int]] = []
-
-    def add(self, tensors: dict[str, Tensor]) -> None:
-        if self.directory is None:  # a process that writes nothing (distributed calibration, rank > 0)
-            return
-        for key, value in tensors.items():
-            value = value.detach().contiguous().cpu()
-            nbytes = value.numel() * value.element_size()
-            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-                self._flush()
-            self.pending[key] = value.clone() if any(value.data_ptr() == v.data_ptr() for v in self.pending.values()) \
-                else value
-            self.pending_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.directory / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
-        self.parts.append((path, sorted(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        if self.pending or not self.parts:
-            self._flush()
-        if len(self.parts) == 1:
-            self.parts[0][0].rename(self.directory / "model.safetensors")
-            return
-        weight_map, total = {}, 0
-        for i, (path, keys, nbytes) in enumerate(self.parts, 1):
-            name = f"model-{i:05d}-of-{len(self.parts):05d}.safetensors"
-            path.rename(self.directory / name)
-            weight_map.update(dict.fromkeys(keys, name))
-            total += nbytes
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def write_metadata(directory: Path, config, dtype: torch.dtype, writer, recipe, tree: nn.Module, quantized: dict,
