@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from qcompile import formats
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver
-from qcompile.passes.quantize_linears import grouped_padded
+from qcompile.passes.quantize_linears import CHUNK_ELEMENTS, grouped_padded, sqnr_db
 from qcompile.passes.smoothquant import folds, migrate_scale, shared_input_groups
 from qcompile.recipes import QuantSpec
 
@@ -64,16 +64,24 @@ def clips(spec: QuantSpec) -> bool:
     return quantization_group_size(spec, 1) is not None
 
 
-def weight_channel_mean(weights: list[Tensor], group: int | None) -> Tensor:
-    """mean over output rows of |W| relative to its quantization group's max, per input channel."""
-    w = torch.cat([w.detach().float() for w in weights]).abs()
-    cols = w.shape[1]
-    if group is None:
-        normalized = w / w.amax(dim=1, keepdim=True).clamp(min=_EPS)
-    else:
-        grouped = grouped_padded(w, group)
-        normalized = (grouped / grouped.amax(dim=2, keepdim=True).clamp(min=_EPS)).reshape(w.shape[0], -1)[:, :cols]
-    return normalized.mean(dim=0)
+def weight_channel_mean(weights: list[Tensor], group: int | None, row_block: int | None = None) -> Tensor:
+    """mean over output rows of |W| relative to its quantization group's max, per input channel (`row_block` rows
+    at a time)."""
+    total, rows = None, 0
+    for weight in weights:
+        step = len(weight) if row_block is None else max(1, row_block)
+        for start in range(0, len(weight), step):
+            w = weight[start : start + step].detach().float().abs()
+            cols = w.shape[1]
+            if group is None:
+                normalized = w / w.amax(dim=1, keepdim=True).clamp(min=_EPS)
+            else:
+                grouped = grouped_padded(w, group)
+                normalized = (grouped / grouped.amax(dim=2, keepdim=True).clamp(min=_EPS)).reshape(len(w), -1)[:, :cols]
+            part = normalized.sum(dim=0)
+            total = part if total is None else total + part
+            rows += len(w)
+    return total / max(rows, 1)
 
 
 def awq_scale(x_mean: Tensor, w_mean: Tensor, alpha: float) -> Tensor:
@@ -98,19 +106,22 @@ def search_scale(
     group: int | None,
     grid: tuple[float, ...],
     moment: Tensor | None = None,
+    *,
+    tensor_scale: bool = False,
+    row_block: int | None = None,
 ) -> tuple[Tensor | None, float | None]:
     """(best scale or None for no scaling, its alpha) by output error.
 
     With `moment` (X^T X / N over every calibration row), the weight's share of the error, ||X (Q(W s)/s - W)^T||^2,
     is exact over the whole calibration set; the sampled rows then only supply the input quantization's share
     (none where `fake_quantize_input` is None: a weight-only recipe). Without it, the whole error is measured on
-    the sampled rows.
+    the sampled rows. `tensor_scale` and `row_block` as in `search_clip`: every error is a sum over output rows, so
+    candidates are measured a block of rows at a time, each block quantized under the whole scaled weight's max.
     """
-    floats = [w.detach().float() for w in weights]
-    w_mean = weight_channel_mean(floats, group)
+    w_mean = weight_channel_mean(weights, group, row_block)
     quantizes_inputs = fake_quantize_input is not None
     x = sample.float() if (quantizes_inputs or moment is None) else None
-    references = [x @ w.t() for w in floats] if x is not None else []
+    references = [x @ w.detach().float().t() for w in weights] if x is not None else []
     rows = max(1, x.shape[0]) if x is not None else 1
     best, best_alpha, best_error = None, None, float("inf")
     for alpha in (None, *grid):
@@ -120,18 +131,40 @@ def search_scale(
         if x is not None:
             xs = x / scale
             xq = fake_quantize_input(xs, (input_amax.float() / scale).amax()) if quantizes_inputs else xs
-        for i, w in enumerate(floats):
-            quantized = fake_quantize_weight(w * scale)
-            if moment is not None:
-                delta = quantized / scale - w
-                error += _output_error(delta, moment).item()
-                if quantizes_inputs:  # the sampled rows' error beyond their own weight-only share
-                    error += ((xq @ quantized.t() - references[i]).pow(2).sum() - (x @ delta.t()).pow(2).sum()).item() / rows
-            else:
-                error += (xq @ quantized.t() - references[i]).pow(2).sum().item()
+        for i, weight in enumerate(weights):
+            step = len(weight) if row_block is None else max(1, row_block)
+            tensor_amax = None
+            if tensor_scale and step < len(weight):
+                tensor_amax = torch.stack([(weight[j : j + step].detach().float().abs() * scale).amax()
+                                           for j in range(0, len(weight), step)]).amax()
+            for start in range(0, len(weight), step):
+                w = weight[start : start + step].detach().float()
+                quantized = _quantize_rows(w * scale, fake_quantize_weight, tensor_amax)
+                reference = references[i][:, start : start + step] if references else None
+                if moment is not None:
+                    delta = quantized / scale - w
+                    error += _output_error(delta, moment).item()
+                    if quantizes_inputs:  # the sampled rows' error beyond their own weight-only share
+                        error += ((xq @ quantized.t() - reference).pow(2).sum()
+                                  - (x @ delta.t()).pow(2).sum()).item() / rows
+                else:
+                    error += (xq @ quantized.t() - reference).pow(2).sum().item()
+                del quantized, w
         if error < best_error:
             best, best_alpha, best_error = (None if alpha is None else scale), alpha, error
     return best, best_alpha
+
+
+def moment_blocks(moment: Tensor, group: int) -> Tensor:
+    """The diagonal `[group, group]` blocks of X^T X / N, `[G, group, group]` (zero-padded to whole groups): all the
+    clipping search reads of it, a K/group-th of its size."""
+    cols = moment.shape[0]
+    padded = -(-cols // group) * group
+    blocks = torch.zeros(padded // group, group, group, dtype=torch.float32, device=moment.device)
+    for g, start in enumerate(range(0, cols, group)):
+        end = min(start + group, cols)
+        blocks[g, : end - start, : end - start] = moment[start:end, start:end]
+    return blocks
 
 
 def search_clip(
@@ -143,32 +176,46 @@ def search_clip(
     symmetric: bool = True,
     moment: Tensor | None = None,
     tensor_scale: bool = False,
+    *,
+    blocks: Tensor | None = None,
+    row_block: int | None = None,
 ) -> Tensor:
     """The weight clipped, per quantization group, to the range whose quantization best preserves x_g w_g.
 
-    The error of a group is ||X_g (w_g - q_g)||^2: from `moment` (X^T X / N, its diagonal blocks) when given, else
-    on the sampled rows. `tensor_scale`: the format also has a scale from the whole tensor's max (NVFP4's global
-    scale); every candidate is then quantized with the unclipped tensor's max, and the groups that hold that max
-    stay unclipped, so the stored weight has the very scales the search measured."""
-    w = weight.detach().float()
+    The error of a group is ||X_g (w_g - q_g)||^2: from the second moment X^T X / N when given (`moment`, or its
+    diagonal `blocks` from `moment_blocks`), else on the sampled rows. `tensor_scale`: the format also has a scale
+    from the whole tensor's max (NVFP4's global scale); every candidate is then quantized with the unclipped tensor's
+    max, and the groups that hold that max stay unclipped, so the stored weight has the very scales the search
+    measured. `row_block`: search that many rows at a time (the same result where `fake_quantize_weight` treats rows
+    independently, as every format does given the tensor's max: its float32 temporaries then stay small)."""
+    rows, cols = weight.shape
+    tensor_amax = weight.detach().abs().amax().float()
+    if blocks is None and moment is not None:
+        blocks = moment_blocks(moment.float(), group)
+    x = None if blocks is not None else grouped_padded(sample.float(), group).transpose(0, 1)  # [G, N, group]
+    step = rows if row_block is None else max(1, row_block)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=weight.device)
+    for start in range(0, rows, step):
+        w = weight[start : start + step].detach().float()
+        out[start : start + step] = _clip_rows(w, x, blocks, fake_quantize_weight, group, ratios, symmetric,
+                                               tensor_amax if tensor_scale else None)
+    return out
+
+
+def _quantize_rows(candidate: Tensor, fake_quantize_weight: Callable[[Tensor], Tensor],
+                   tensor_amax: Tensor | None) -> Tensor:
+    """Q(candidate); with `tensor_amax`, under the scale that max gives (one extra row holding it pins it)."""
+    if tensor_amax is None:
+        return fake_quantize_weight(candidate).float()
+    anchor = torch.zeros(1, candidate.shape[1], device=candidate.device)
+    anchor[0, 0] = tensor_amax
+    return fake_quantize_weight(torch.cat([candidate, anchor])).float()[: candidate.shape[0]]
+
+
+def _clip_rows(w: Tensor, x: Tensor | None, blocks: Tensor | None, fake_quantize_weight, group: int,
+               ratios: tuple[float, ...], symmetric: bool, tensor_amax: Tensor | None) -> Tensor:
     rows, cols = w.shape
-    anchor = None
-    if tensor_scale:  # one extra row that holds the tensor's max pins the tensor-wide scale
-        anchor = torch.zeros(1, cols, device=w.device)
-        anchor[0, 0] = w.abs().amax()
-
-    def quantize(candidate: Tensor) -> Tensor:
-        if anchor is None:
-            return fake_quantize_weight(candidate).float()
-        return fake_quantize_weight(torch.cat([candidate, anchor])).float()[:rows]
-
     grouped = grouped_padded(w, group)  # [O, G, group]
-    if moment is not None:
-        padded = grouped.shape[1] * group
-        m = torch.nn.functional.pad(moment.float(), (0, padded - cols, 0, padded - cols))
-        blocks = torch.stack([m[i : i + group, i : i + group] for i in range(0, padded, group)])  # [G, group, group]
-    else:
-        x = grouped_padded(sample.float(), group).transpose(0, 1)  # [G, N, group]
     if symmetric:
         high = grouped.abs().amax(dim=2)
         low = -high
@@ -177,24 +224,26 @@ def search_clip(
         low = grouped.amin(dim=2).clamp(max=0.0)
     best_error = torch.full((rows, grouped.shape[1]), float("inf"), device=w.device)
     best_ratio = torch.ones_like(best_error)
-    if moment is None:
+    if blocks is None:
         chunk = max(1, _CLIP_CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[1]))
     for ratio in ratios:
         clipped = torch.maximum(torch.minimum(grouped, (high * ratio)[..., None]), (low * ratio)[..., None])
         clipped = clipped.reshape(rows, -1)[:, :cols]
-        delta = grouped_padded(w - quantize(clipped), group)  # [O, G, group]
-        if moment is not None:
+        delta = grouped_padded(w - _quantize_rows(clipped, fake_quantize_weight, tensor_amax), group)
+        del clipped
+        if blocks is not None:
             error = (torch.einsum("ogi,gij->ogj", delta, blocks) * delta).sum(dim=2)
         else:
             error = torch.empty_like(best_error)
             for start in range(0, rows, chunk):
                 part = delta[start : start + chunk].permute(1, 2, 0)  # [G, group, o]
                 error[start : start + chunk] = torch.bmm(x, part).pow(2).sum(dim=1).t()
+        del delta
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    if tensor_scale:
-        best_ratio = torch.where(torch.maximum(high, -low) >= w.abs().amax(), torch.ones_like(best_ratio), best_ratio)
+    if tensor_amax is not None:
+        best_ratio = torch.where(torch.maximum(high, -low) >= tensor_amax, torch.ones_like(best_ratio), best_ratio)
     clipped = torch.maximum(torch.minimum(grouped, (high * best_ratio)[..., None]), (low * best_ratio)[..., None])
     return clipped.reshape(rows, -1)[:, :cols]
 
@@ -212,17 +261,24 @@ def awq_linears(
     clip_ratios: tuple[float, ...],
     progress: bool = False,
     fold_only: bool = False,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    independent_rows: bool = True,
+    free_observed: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Scale search per shared-input group (folded into the graph), then clipping search per layer.
 
-    Returns (per-layer input amax after scaling, per-layer weight before clipping). `site.weight` becomes the
-    scaled, clipped weight that the quantization pass stores; the graph keeps its float function.
+    Returns (per-layer input amax after scaling, per-layer SQNR in dB of the stored weight against the weight
+    before clipping). `site.weight` becomes the scaled, clipped weight that the quantization pass stores; the graph
+    keeps its float function. `independent_rows`: `fake_quantize_weight` quantizes rows independently given the
+    tensor's max (all but W4A8, whose FP8 stage takes the whole weight's), so searches run a block of rows at a time.
+    `free_observed`: drop each group's observed rows and x^T x once read (observers used for this conversion only).
     """
     placeholder_values = placeholder_values or {}
     by_node = {site.node: site for site in sites}
     new_amax: dict[str, Tensor] = {}
     scaled_rows: dict[str, Tensor | None] = {}  # each layer's sampled input rows, divided by its group's scale
-    moments: dict[str, Tensor | None] = {}  # each layer's X^T X / N, for inputs divided by its group's scale
+    # each layer's X^T X / N for inputs divided by its group's scale, as the diagonal blocks the clipping reads
+    moments: dict[str, Tensor | None] = {}
+    tensor_scale = formats.FORMATS[spec.format].shared_tensor_scale(spec.granularity)
     with torch.no_grad():
         groups = shared_input_groups(sites)
         for index, group in enumerate(tqdm(groups, desc="awq scales", disable=not progress, leave=False)):
@@ -236,30 +292,49 @@ def awq_linears(
             if not fold_only or folds(gm, group, by_node, placeholder_values):  # else clipping only
                 scale, _ = search_scale(
                     sample, observer.channel_abs_mean, observer.channel_amax, [site.weight for site in group],
-                    fake_quantize_weight, fake_quantize_input, group_size, alpha_grid, moment,
+                    fake_quantize_weight, fake_quantize_input, group_size, alpha_grid, moment, tensor_scale=tensor_scale,
+                    row_block=max(1, CHUNK_ELEMENTS // group[0].in_features) if independent_rows else None,
                 )
             if scale is not None:
                 migrate_scale(gm, group, scale, by_node, placeholder_values, f"_qc_awq_{index}")
                 sample = None if sample is None else sample / scale
-                moment = None if moment is None else moment / scale[:, None] / scale[None, :]
+            blocks = None
+            if moment is not None and clips(spec) and clip_ratios:
+                blocks = moment_blocks(moment, group_size)
+                if scale is not None:  # the moment of x / s: entry (i, j) divided by s_i, then by s_j
+                    s_padded = torch.nn.functional.pad(scale, (0, blocks.shape[0] * group_size - len(scale)), value=1.0)
+                    s_padded = s_padded.reshape(blocks.shape[0], group_size)
+                    blocks = blocks / s_padded[:, :, None] / s_padded[:, None, :]
+            del moment
+            if free_observed:  # read for the last time: freed now rather than after every layer
+                for site in group:
+                    observers[site.name].xtx, observers[site.name].samples = None, []
             for site in group:
                 new_amax[site.name] = observer.amax if scale is None else (observer.channel_amax.float() / scale).amax()
                 scaled_rows[site.name] = sample
-                moments[site.name] = moment
+                moments[site.name] = blocks
         gm.graph.lint()
         gm.recompile()
 
-        references: dict[str, Tensor] = {}
+        sqnr: dict[str, float] = {}
         if clips(spec) and clip_ratios:
             # After every scale is folded: a later group's scale may have rescaled this layer's output rows.
             for site in tqdm(sites, desc="awq clipping", disable=not progress, leave=False):
                 group_size = quantization_group_size(spec, site.in_features)
-                references[site.name] = site.weight.detach().float()
+                row_block = max(1, CHUNK_ELEMENTS // site.in_features) if independent_rows else None
+                reference = site.weight.detach()
                 site.weight = search_clip(
-                    site.weight, scaled_rows[site.name], fake_quantize_weight, group_size, clip_ratios, spec.symmetric,
-                    moments[site.name], tensor_scale=formats.FORMATS[spec.format].shared_tensor_scale(spec.granularity),
+                    reference, scaled_rows[site.name], fake_quantize_weight, group_size, clip_ratios, spec.symmetric,
+                    tensor_scale=tensor_scale, blocks=moments.pop(site.name), row_block=row_block,
                 )
-    return new_amax, references
+                # the report's SQNR is against the weight before clipping; measured here, so that weight is freed
+                tensor_amax = site.weight.abs().amax() if tensor_scale else None
+                quantized = torch.cat([_quantize_rows(site.weight[i : i + (row_block or len(reference))],
+                                                      fake_quantize_weight, tensor_amax)
+                                       for i in range(0, len(reference), row_block or len(reference))])
+                sqnr[site.name] = sqnr_db(reference, quantized)
+                del reference, quantized
+    return new_amax, sqnr
 
 
 def input_moment(observer: ActivationObserver) -> Tensor | None:

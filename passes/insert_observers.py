@@ -116,9 +116,8 @@ class ActivationObserver(nn.Module):
             fold = (offset + self.batches * stride) % 2
             previous = self.fold_channel_amax[fold]
             self.fold_channel_amax[fold] = channel_amax if previous is None else torch.maximum(previous, channel_amax)
-            if self.wants_hessian:
-                xtx = flat.t() @ flat
-                self.xtx = xtx if self.xtx is None else self.xtx + xtx
+            if self.wants_hessian:  # summed in place: a second K x K matrix per batch would double the peak
+                self.xtx = flat.t() @ flat if self.xtx is None else self.xtx.addmm_(flat.t(), flat)
             self.rows_seen += len(flat)
             self.batches += 1
             self._keep(flat, fold)

@@ -125,7 +125,7 @@ def quantize_weight_in_chunks(weight: Tensor, spec: QuantSpec, model_dtype: torc
     step = max(block_rows, CHUNK_ELEMENTS // max(cols, 1) // block_rows * block_rows)
     if weight.dim() < 2 or rows <= step or (needs_amax and group_amax is None):
         tensors, int_args, dequantized = _quantize_weight(weight, spec, model_dtype, group_amax, through_fp8)
-        return tensors, int_args, _sqnr_db(weight, dequantized)
+        return tensors, int_args, sqnr_db(weight, dequantized)
     model_dtype = weight.dtype if model_dtype is None else model_dtype
     parts: dict[str, list[Tensor]] = {}
     whole: dict[str, Tensor] = {}
@@ -227,10 +227,14 @@ def fake_quantize_input_nvfp4(x: Tensor, global_scale: Tensor) -> Tensor:
     return _fake_quantize_nvfp4(x, global_scale)
 
 
-def _sqnr_db(reference: Tensor, approx: Tensor) -> float:
-    reference = reference.double()
-    noise = (reference - approx.double()).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """10 log10(sum reference^2 / sum (reference - approx)^2), in float64, a block of elements at a time."""
+    reference, approx = reference.detach().reshape(-1), approx.detach().reshape(-1)
+    signal = noise = 0.0
+    for start in range(0, reference.numel(), CHUNK_ELEMENTS):
+        r = reference[start : start + CHUNK_ELEMENTS].double()
+        signal += r.pow(2).sum().item()
+        noise += (r - approx[start : start + CHUNK_ELEMENTS].double()).pow(2).sum().item()
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
@@ -252,8 +256,8 @@ def quantize_linears(
     through_fp8 = formats.weights_through_fp8(recipe.weights, recipe.inputs)
     shared_amax = group_weight_amax(sites, recipe.weights, through_fp8)
     for site in sites:
-        tensors, int_args, sqnr_db = quantize_weight_in_chunks(site.weight.detach(), recipe.weights, site.source.dtype,
-                                                               shared_amax.get(site.name), through_fp8)
+        tensors, int_args, db = quantize_weight_in_chunks(site.weight.detach(), recipe.weights, site.source.dtype,
+                                                          shared_amax.get(site.name), through_fp8)
         prefix = _attribute_prefix(site.name)
         attr_nodes = {}
         with gm.graph.inserting_before(site.node):
@@ -296,7 +300,7 @@ def quantize_linears(
                 out_features=site.out_features,
                 in_features=site.in_features,
                 weight_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-                weight_sqnr_db=sqnr_db,
+                weight_sqnr_db=db,
             )
         )
     gm.graph.lint()

@@ -179,7 +179,7 @@ def convert(prepared: PreparedModel, *, calib: Iterable | Callable | None = None
     prepared.converted = True
     sites = [site for site in find_linears(graph) if site.name in set(layers)]
     layers = convert_linears(graph, sites, recipe, observers, calibration_forward=calibration_forward,
-                             progress=progress)
+                             progress=progress, single_use_observers=True)
     kv_layers = []
     if recipe.kv_cache is not None:
         if calib is None and not prepared.kept_batches:

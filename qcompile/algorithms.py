@@ -48,6 +48,9 @@ class Job:
     placeholder_values: Mapping[str, Tensor] | None = None
     calibration_forward: Callable[[Callable], object] | None = None
     progress: bool = False
+    # the observers serve this conversion only (qcompile.convert): an algorithm may free their rows and x^T x as
+    # soon as it has read them; the compile backend keeps them for the graphs it converts later
+    single_use_observers: bool = False
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Outcome:
     # each layer's input range after the algorithm (scales folded in); None: no calibration row reached it
     input_amax: dict[str, Tensor | None]
     references: dict[str, Tensor] = field(default_factory=dict)  # weights before the algorithm moved them (SQNR)
+    weight_sqnr_db: dict[str, float] = field(default_factory=dict)  # or the SQNR against them, measured already
 
 
 class Algorithm:
@@ -216,12 +220,15 @@ class AWQ(Algorithm):
         from qcompile.passes import awq
 
         recipe = job.recipe
-        amax, references = awq.awq_linears(
+        from qcompile.formats import weights_through_fp8
+
+        amax, sqnr = awq.awq_linears(
             job.gm, job.sites, job.observers, _weight_quantizer(recipe),
             None if recipe.inputs is None else input_fake_quantizer(recipe), recipe.weights, job.placeholder_values,
             alpha_grid=tuple(job.options["alpha_grid"]), clip_ratios=tuple(job.options["clip_ratios"]),
-            progress=job.progress, fold_only=not recipe.explicit_input_scales)
-        return Outcome(amax, references)
+            progress=job.progress, fold_only=not recipe.explicit_input_scales, free_observed=job.single_use_observers,
+            independent_rows=not weights_through_fp8(recipe.weights, recipe.inputs))
+        return Outcome(amax, weight_sqnr_db=sqnr)
 
 
 @register

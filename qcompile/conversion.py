@@ -15,7 +15,7 @@ from torch import Tensor, fx
 from qcompile import algorithms, formats
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver, insert_observers
-from qcompile.passes.quantize_linears import LayerReport, _sqnr_db, fake_quantize_weight, quantize_linears
+from qcompile.passes.quantize_linears import LayerReport, sqnr_db, fake_quantize_weight, quantize_linears
 from qcompile.recipes import Recipe
 
 def observe(gm: fx.GraphModule, sites: list[LinearSite], recipe: Recipe) -> dict[str, ActivationObserver]:
@@ -63,6 +63,7 @@ def convert_linears(
     calibration_forward: Callable[[Callable], object] | None = None,
     *,
     progress: bool = False,
+    single_use_observers: bool = False,
 ) -> list[LayerReport]:
     """Run the recipe's algorithm (`qcompile.algorithms`) on the observed statistics, then rewrite every site into
     a qcompile:: op.
@@ -78,7 +79,7 @@ def convert_linears(
     all_sites, sites = sites, [site for site in sites if site.name not in fallbacks]
     job = algorithms.Job(gm, sites, recipe, algorithms.options(recipe), observers,
                          {name: observer.amax for name, observer in observers.items()}, placeholder_values,
-                         calibration_forward, progress)
+                         calibration_forward, progress, single_use_observers)
     outcome = algorithms.runs(recipe).run(job)
     input_amax, references = dict(outcome.input_amax), outcome.references
     unseen = uncalibrated_experts(input_amax)  # reached by no row in the algorithm's own pass (sequential GPTQ)
@@ -89,8 +90,10 @@ def convert_linears(
     for report, site in zip(reports, all_sites):
         if site.name in fallbacks:
             report.calibration = "no tokens routed here: max weights, input range of its sibling experts"
-        if site.name in references:
+        if site.name in outcome.weight_sqnr_db:
+            report.weight_sqnr_db = outcome.weight_sqnr_db[site.name]
+        elif site.name in references:
             dequantized = fake_quantize_weight(site.weight.detach(), recipe.weights,
                                                formats.weights_through_fp8(recipe.weights, recipe.inputs))
-            report.weight_sqnr_db = _sqnr_db(references[site.name].detach(), dequantized)
+            report.weight_sqnr_db = sqnr_db(references[site.name].detach(), dequantized)
     return reports

@@ -157,6 +157,15 @@ class _Layout:
         if missing:
             raise StreamingError(f"{type(model).__name__}: streaming needs a decoder laid out like Llama's; this model "
                                  f"has no {', '.join(missing)} (quantize it in memory with qcompile.quantize)")
+        from qcompile.moe import is_fused_experts
+
+        experts = next((name for name, m in layers[0].named_modules() if is_fused_experts(m)), None)
+        if experts is not None:
+            # the checkpoint stores experts one by one and transformers fuses them while loading; the Hugging Face
+            # formats cannot hold fused experts yet either (docs/checkpoints.md)
+            raise StreamingError(f"{type(model).__name__}: model.layers.0.{experts} holds fused MoE experts, which "
+                                 "streaming does not load yet (quantize in memory with qcompile.quantize, save with "
+                                 "qm.save() or export ONNX)")
         return cls(model, body, layers)
 
 
@@ -264,7 +273,7 @@ def quantize_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import qcompile
-    from qcompile.checkpoints import FORMATS, MAX_SHARD_BYTES, ExportError, ShardWriter, write_metadata
+    from qcompile.checkpoints import FORMATS, MAX_SHARD_BYTES, ExportError, ShardWriter, kv_cache_tensors, write_metadata
 
     model_dir, target = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -273,14 +282,15 @@ def quantize_checkpoint(
         raise ValueError(f"unknown format {format!r}; streaming writes {', '.join(FORMATS)}")
     writer = FORMATS[format]
     recipe = resolve_recipe(recipe, exclude=exclude)
-    if recipe.kv_cache is not None:
-        raise StreamingError("KV-cache quantization is not streamed yet: quantize in memory (qcompile.quantize)")
     writer.check_recipe(recipe)
     if format == "compressed-tensors":  # the format has no per-layer input multiplier (as the CLI's in-memory path)
         recipe = dataclasses.replace(recipe, explicit_input_scales=False)
     if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     rank, size = distributed.init_from_environment()
+    if size > 1 and recipe.kv_cache is not None:
+        raise StreamingError("KV-cache scales are not combined across processes yet: quantize with kv_cache in one "
+                             "process")
     calib = distributed.share(list(calib), rank, size) if size > 1 else list(calib)
     # across processes, GPTQ runs its one-shot form on the combined x^T x (a sequential rerun would see one
     # process's batches only), so every algorithm calibrates each layer on the float model's activations
@@ -316,22 +326,30 @@ def quantize_checkpoint(
         _free(layout.body.embed_tokens)  # written; a tied lm_head reads its copy from the checkpoint again
         descriptions = set()
         started = time.perf_counter()
+        # Keys and values are calibrated, as in the whole model, on the model with quantized weights: behind the
+        # quantized layers. Where the weights calibrate on the float model, that is a second stream of inputs.
+        kv_inputs = inputs if recipe.kv_cache is not None else None
         for i, layer in enumerate(layout.layers):
             _load(layer, f"model.layers.{i}.", reader, dtype)
             block = _Block(i, layer).eval()
             with torch.no_grad():
                 outputs = None if sequential else [block(*call) for call in inputs]
-            qm = _quantize(block, recipe, inputs, size)
+            kv_outputs: list = []
+            qm = _quantize(block, recipe, inputs, size, kv_inputs, kv_outputs)
             tree = block
             if isinstance(qm, qcompile.QuantizedModel):
                 descriptions.add(qm.algorithm)
                 tree = qm.as_module()
-                if sequential:  # the next layer calibrates on this one's quantized outputs, as in convert
-                    with torch.no_grad():
-                        outputs = [qm(*call) for call in inputs]
+            if sequential and kv_inputs is not None:  # the quantized outputs, before keys and values are
+                outputs = kv_outputs  # quantized: what convert's one pass over the whole model gives
+            elif sequential:  # the next layer calibrates on this one's quantized outputs, as in convert
+                with torch.no_grad():
+                    outputs = [qm(*call) for call in inputs]
+            if kv_inputs is not None:
+                kv_inputs = [(out, *call[1:]) for out, call in zip(kv_outputs, kv_inputs)]
             inputs = [(out, *call[1:]) for out, call in zip(outputs, inputs)]
-            shards.add(_layer_tensors(tree, writer, quantized, dtype))
-            del qm, tree, block, outputs
+            shards.add({**_layer_tensors(tree, writer, quantized, dtype), **kv_cache_tensors(qm, tree, writer)})
+            del qm, tree, block, outputs, kv_outputs
             _free(layer)
             rss = _rss_gb()
             say(f"layer {i + 1}/{len(layout.layers)} quantized ({time.perf_counter() - started:.0f} s"
@@ -348,7 +366,7 @@ def quantize_checkpoint(
         if tied and "lm_head" not in quantized:
             head_tensors.pop("lm_head.weight", None)  # stored once, as the embeddings
         shards.add(head_tensors)
-        del qm, tree, head, inputs
+        del qm, tree, head, inputs, kv_inputs
         if not quantized:
             raise ExportError("the model has no quantized layer to export")
         if not writes:
@@ -374,16 +392,21 @@ def quantize_checkpoint(
     return target
 
 
-def _quantize(part: nn.Module, recipe: Recipe, calls: list[tuple], processes: int):
+def _quantize(part: nn.Module, recipe: Recipe, calls: list[tuple], processes: int,
+              kv_calls: list[tuple] | None = None, kv_outputs: list | None = None):
     """`qcompile.quantize(part, recipe, calib=calls)`; across processes, with the observers combined between
-    calibration and conversion."""
+    calibration and conversion. With `kv_calls`, keys and values are calibrated on those inputs instead, and what
+    the part returns for them (quantized weights, keys and values not yet quantized) is appended to `kv_outputs`."""
     import qcompile
     from qcompile.calibration import run_calibration
 
-    if processes == 1:
+    if processes == 1 and kv_calls is None:
         return qcompile.quantize(part, recipe, calib=calls, progress=False)
     prepared = qcompile.prepare(part, recipe, example_inputs=calls[0])
     if not isinstance(prepared, qcompile.PreparedModel):
+        if kv_calls is not None:
+            with torch.no_grad():
+                kv_outputs.extend(part(*call) for call in kv_calls)
         return prepared  # nothing to quantize
     if algorithms.needs(recipe).calibration:
         rank, size = distributed.world()
@@ -391,7 +414,13 @@ def _quantize(part: nn.Module, recipe: Recipe, calls: list[tuple], processes: in
             observer.batch_numbering = (rank, size)  # batch j of this process is batch j * size + rank of all
         run_calibration(prepared, calls, progress=False, expected=prepared.expected_call)
         distributed.reduce_observers(prepared.observers)
-    return qcompile.convert(prepared, progress=False)
+
+    def key_value_calibration(model) -> None:
+        # a forward loop: convert runs it last on the graph whose keys and values it observes (GPTQ runs it
+        # before, for its own inputs), so the outputs kept are that run's
+        kv_outputs[:] = [model(*call) for call in kv_calls]
+
+    return qcompile.convert(prepared, calib=None if kv_calls is None else key_value_calibration, progress=False)
 
 
 def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -347,6 +347,56 @@ def test_awq_nvfp4_clipping_keeps_the_global_scale():
     assert numerics.quantize_nvfp4(clipped).global_scale == numerics.quantize_nvfp4(w).global_scale
 
 
+@pytest.mark.parametrize("tensor_scale", [False, True], ids=["int4", "nvfp4"])
+def test_awq_clip_in_row_blocks_equals_the_whole_search(tensor_scale):
+    """The clipping search runs a block of rows at a time (its float32 temporaries stay small): same clipped
+    weight as one search over every row, with the moment's diagonal blocks precomputed or not, K not a multiple of
+    the group, and a row block that does not divide the rows."""
+    x = salient_batch(12, rows=256)[:, :200]
+    w = torch.randn(70, 200, generator=torch.Generator().manual_seed(13)) * torch.rand(70, 1) * 3
+    if tensor_scale:
+        group, fake = 16, lambda t: numerics.dequantize_nvfp4(numerics.quantize_nvfp4(t))  # noqa: E731
+    else:
+        group, fake = 64, _fake_int4_groups(64)
+    moment = x.t() @ x / len(x)
+    whole = awq.search_clip(w, None, fake, group, CLIP_RATIOS, moment=moment, tensor_scale=tensor_scale)
+    blocks = awq.search_clip(w.to(torch.bfloat16).float(), None, fake, group, CLIP_RATIOS,
+                             tensor_scale=tensor_scale, blocks=awq.moment_blocks(moment, group), row_block=16)
+    whole_bf16 = awq.search_clip(w.to(torch.bfloat16).float(), None, fake, group, CLIP_RATIOS, moment=moment,
+                                 tensor_scale=tensor_scale)
+    assert not torch.equal(whole, w)
+    assert torch.equal(blocks, whole_bf16)
+    # the diagonal blocks hold exactly the moment's entries, zero-padded
+    padded = torch.nn.functional.pad(moment, (0, 56, 0, 56))
+    expected = torch.stack([padded[i:i + group, i:i + group] for i in range(0, 256 if group == 64 else 208, group)])
+    assert torch.equal(awq.moment_blocks(moment, group), expected[: -(-200 // group)])
+
+
+@pytest.mark.parametrize("tensor_scale", [False, True], ids=["int4", "nvfp4"])
+def test_awq_scale_search_in_row_blocks_picks_the_whole_search_scale(tensor_scale):
+    """The scale search measures each candidate a block of output rows at a time (NVFP4 blocks under the whole
+    scaled weight's max): the same alpha as one pass over all rows, and a scale equal to float32 rounding."""
+    x = salient_batch(14, rows=256)[:, :200]
+    g = torch.Generator().manual_seed(15)
+    weights = [torch.randn(70, 200, generator=g) * torch.rand(200, generator=g) * 2, torch.randn(33, 200, generator=g)]
+    if tensor_scale:
+        group, fake = 16, lambda t: numerics.dequantize_nvfp4(numerics.quantize_nvfp4(t))  # noqa: E731
+    else:
+        group, fake = 64, _fake_int4_groups(64)
+    args = (x.abs().mean(0), x.abs().amax(0), weights, fake, None, group, AWQ_GRID)
+    moment = x.t() @ x / len(x)
+    whole, alpha_whole = awq.search_scale(None, *args, moment=moment, tensor_scale=tensor_scale)
+    blocks, alpha_blocks = awq.search_scale(None, *args, moment=moment, tensor_scale=tensor_scale, row_block=16)
+    assert alpha_whole is not None and alpha_blocks == alpha_whole
+    assert torch.allclose(blocks, whole, rtol=1e-5)
+
+
+def _fake_int4_groups(group):
+    def fake(t):
+        return numerics.dequantize_int4(numerics.quantize_int4(t, group, symmetric=True))
+    return fake
+
+
 # ------------------------------------------------------------------------------------------------------ GPTQ
 
 

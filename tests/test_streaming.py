@@ -38,11 +38,16 @@ CASES = [  # (recipe, format, model dtype)
     ("nvfp4", "compressed-tensors", torch.bfloat16),
     ("w4a8_awq", "modelopt", torch.float32),
     ("int8_sq", "modelopt", torch.bfloat16),
+    # keys and values calibrated behind the quantized layers (a second stream of inputs), and with GPTQ's own
+    ("int4_awq+kv_fp8", "compressed-tensors", torch.bfloat16),
+    ("int4_gptq+kv_fp8", "compressed-tensors", torch.float32),
+    ("nvfp4+kv_nvfp4", "modelopt", torch.bfloat16),
 ]
 
 
 def _recipe(name: str) -> qc.Recipe:
-    recipe = qc.RECIPES[name]
+    name, _, kv = name.partition("+kv_")
+    recipe = qc.RECIPES[name] if not kv else dataclasses.replace(qc.RECIPES[name], kv_cache=kv)
     if recipe.weights.granularity == "group":  # the tiny model's layers are 64 wide
         recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, block_size=32))
     return recipe
@@ -268,12 +273,17 @@ def test_bad_input_is_named(sources, tmp_path):
     with pytest.raises(StreamingError, match="model-00001-of-00002.safetensors .*is missing"):
         quantize_checkpoint(broken, tmp_path / "out", "fp8", calib)
 
+    moe = tmp_path / "moe"
+    hf_zoo.model_folder(moe, hf_zoo.mixtral())
+    with pytest.raises(StreamingError, match="model.layers.0.mlp.experts holds fused MoE experts"):
+        quantize_checkpoint(moe, tmp_path / "out", "fp8", hf_zoo.batches("mixtral"))
+
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(FileExistsError, match="taken exists"):
         quantize_checkpoint(folder, tmp_path / "taken", "fp8", calib)
     assert (tmp_path / "taken" / "file").read_text() == "x"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "taken"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "moe", "taken"]  # nothing half-written
 
 
 @pytest.mark.parametrize("spec, through_fp8", [

@@ -70,11 +70,7 @@ def export_hf(
     tensors, quantized = module_tensors(tree, writer, dtype)
     if not quantized:
         raise ExportError("the model has no quantized layer to export")
-    kv_reports = {report.name: report for report in getattr(qm, "kv_layers", [])}
-    for name, module in tree.named_modules():
-        quantization = getattr(module, "qcompile_kv", None)
-        if quantization is not None:
-            tensors.update(writer.kv_cache_tensors(kv_reports[name], quantization))
+    tensors.update(kv_cache_tensors(qm, tree, writer))
     tensors = _without_tied_copies(tree, tensors)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +106,17 @@ def module_tensors(tree: nn.Module, writer,
             continue
         tensors[key] = value.to(dtype) if value.is_floating_point() else value
     return tensors, quantized
+
+
+def kv_cache_tensors(qm, tree: nn.Module, writer) -> dict[str, Tensor]:
+    """The format's KV-cache scales of every attention `qm` quantizes the keys and values of (`tree`: its modules)."""
+    reports = {report.name: report for report in getattr(qm, "kv_layers", [])}
+    tensors = {}
+    for name, module in tree.named_modules():
+        quantization = getattr(module, "qcompile_kv", None)
+        if quantization is not None:
+            tensors.update(writer.kv_cache_tensors(reports[name], quantization))
+    return tensors
 
 
 def _without_tied_copies(tree: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
