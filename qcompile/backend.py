@@ -48,8 +48,11 @@ OPTIONS = {
     "exclude": "glob patterns of layer names to leave in float (replaces the recipe's list)",
     "compiler": "'inductor' (default) or 'eager': what runs the quantized graph",
     "kv_cache": "'fp8' or 'nvfp4': quantize every attention's keys and values (static scales, calibrated)",
+    "mode": "'default' or 'reduce-overhead' (CUDA graphs for graphs on CUDA, ignored elsewhere); the same as "
+            "torch.compile's mode=, which torch.compile refuses together with options=",
 }
 COMPILERS = ("inductor", "eager")
+MODES = ("default", "reduce-overhead")
 
 
 
@@ -90,20 +93,25 @@ def _state_for(options: dict | None) -> _CompileState:
 class BackendOptions:
     recipe: Recipe
     compiler: str = "inductor"
+    mode: str = "default"
 
     @classmethod
-    def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
+    def parse(cls, options: dict[str, Any] | None, mode: str | None = None) -> BackendOptions:
         options = dict(options or {})
         unknown = sorted(set(options) - set(OPTIONS))
+        valid = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
         if unknown:
-            valid = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
             raise ValueError(f"unknown option(s) {unknown} for backend 'quant'; valid options are {valid}")
         recipe = resolve_recipe(options.get("recipe", "fp8_dynamic"), exclude=options.get("exclude"),
                                 kv_cache=options.get("kv_cache"))
         compiler = options.get("compiler", "inductor")
         if compiler not in COMPILERS:
             raise ValueError(f"unknown compiler {compiler!r}; valid compilers: {', '.join(COMPILERS)}")
-        return cls(recipe, compiler)
+        mode = options.get("mode", mode) or "default"
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} for backend 'quant' (valid modes: {', '.join(MODES)}); valid "
+                             f"options are {valid}")
+        return cls(recipe, compiler, mode)
 
 
 class QuantizedGraph:
@@ -160,7 +168,18 @@ class QuantizedGraph:
         # oneDNN's route, below, does not take the layers)
         fuse_int8_activations(self.gm)
         merge_shared_input_int8_linears(self.gm)
-        if self.options.compiler == "inductor":
+        # CUDA layers: the ops' autograd-free twins (the graph runs without autograd, below)
+        from qcompile.lowering import triton as triton_lowering
+
+        triton_lowering.use_kernel_call_ops(self.gm)
+        cudagraphs = self.options.mode == "reduce-overhead" and _on_cuda(self.gm, self.example_inputs)
+        if cudagraphs and self.options.compiler == "eager":
+            warnings.warn("backend 'quant' with compiler='eager' runs without CUDA graphs; mode='reduce-overhead' "
+                          "needs compiler='inductor'", stacklevel=2)
+        if cudagraphs and self.options.compiler == "inductor":
+            self._run = torch.no_grad()(_compile_with_cudagraphs(self.gm, self.example_inputs, self.parameters,
+                                                                 self._tracing_context))
+        elif self.options.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
             # A fresh module without dynamo's metadata: the quantized buffers are new attributes dynamo never saw.
@@ -174,7 +193,8 @@ class QuantizedGraph:
                 )
         else:
             compiled = self.gm.forward
-        self._run = torch.no_grad()(compiled)  # quantized graphs are for inference: no autograd formulas
+        if self._run is None:
+            self._run = torch.no_grad()(compiled)  # quantized graphs are for inference: no autograd formulas
         # what only conversion needed: the example call (activations of the first batch), the float weights' views
         self.example_inputs, self.sites, self.parameters = [], [], {}
 
@@ -236,11 +256,68 @@ class QuantizedGraph:
             return self.gm(*args)
 
 
+def _on_cuda(gm: fx.GraphModule, example_inputs: list) -> bool:
+    tensors = [*example_inputs, *gm.buffers(), *gm.parameters()]
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
+def _compile_with_cudagraphs(gm: fx.GraphModule, example_inputs: list, parameters: dict[str, torch.Tensor],
+                             tracing_context):
+    """Inductor with CUDA graphs (cudagraph trees, as torch.compile's mode="reduce-overhead").
+
+    The graph's weights must be static inputs of the CUDA graph, or every replay would copy them into the graph's
+    memory first. Inductor knows them as static from dynamo's metadata, which a graph holding new attributes (the
+    quantized buffers) cannot keep; so the inputs dynamo marks static (the module's parameters and buffers) become
+    attributes of the graph too, and the graph is marked as dynamo's, whose attributes are then all static (the
+    marking an exported graph gets). The compiled function is called with dynamo's inputs, less those."""
+    from torch._inductor.compile_fx import compile_fx
+
+    # a copy: dynamo calls the graph with the inputs of its own graph, which must keep its placeholders
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    graph.output(graph.graph_copy(gm.graph, {}))
+    fresh = fx.GraphModule(gm, graph)
+    keep = []
+    for i, node in enumerate([node for node in graph.nodes if node.op == "placeholder"]):
+        value = example_inputs[i]
+        static = node.name in parameters or (
+            isinstance(value, torch.Tensor) and node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+        if static and not node.users:  # a float weight the quantized layer replaced
+            graph.erase_node(node)
+        elif static:
+            attr = f"_qcompile_input_{i}"
+            if isinstance(value, nn.Parameter):
+                fresh.register_parameter(attr, nn.Parameter(value.detach(), requires_grad=False))
+            else:
+                fresh.register_buffer(attr, value)
+            with graph.inserting_before(node):
+                getter = graph.get_attr(attr)
+            getter.meta.update(node.meta)
+            node.replace_all_uses_with(getter)
+            graph.erase_node(node)
+        else:
+            keep.append(i)
+    fresh.recompile()
+    fresh.meta["dynamo_compile_id"] = gm.meta.get("dynamo_compile_id", "qcompile")
+    inputs = [example_inputs[i] for i in keep]
+    context = tracing_context if torch._guards.TracingContext.try_get() is None else None
+    with torch.no_grad(), torch._guards.tracing(context) if context is not None else contextlib.nullcontext():
+        compiled = compile_fx(fresh, inputs, config_patches={"triton.cudagraphs": True})
+
+    def run(*args):
+        return compiled(*[args[i] for i in keep])
+
+    return run
+
+
 def quant_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs):
-    """Dynamo backend entry point (`backend="quant"`)."""
-    if kwargs.get("mode") not in (None, "default"):
-        warnings.warn(f"backend 'quant' ignores mode={kwargs['mode']!r}", stacklevel=2)
-    parsed = BackendOptions.parse(options)
+    """Dynamo backend entry point (`backend="quant"`). `mode="reduce-overhead"` (torch.compile's argument, or the
+    `mode` option) runs graphs on CUDA through CUDA graphs; elsewhere it is accepted and has no effect."""
+    mode = kwargs.get("mode")
+    if mode is not None and mode not in MODES:
+        warnings.warn(f"backend 'quant' ignores mode={mode!r}", stacklevel=2)
+        mode = None
+    parsed = BackendOptions.parse(options, mode)
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     parameters = {
         node.name: value for node, value in zip(placeholders, example_inputs) if isinstance(value, nn.Parameter)

@@ -76,8 +76,11 @@ class QuantizedModel(nn.Module):
         from qcompile.lowering.cpu.graph_variants import cpu_graphs
 
         variants = cpu_graphs(self.graph_module, self._graph_copy)
+        eager = variants.eager
+        if eager is None:
+            eager = cuda_eager_graph(self.graph_module, self._graph_copy)
         object.__setattr__(self, "_fused_graph_module", variants.fused)
-        object.__setattr__(self, "_inference_graph_module", variants.eager)
+        object.__setattr__(self, "_inference_graph_module", eager)
         object.__setattr__(self, "_frozen_graph_module", variants.frozen)
 
     def _graph_copy(self, source: fx.GraphModule | None = None) -> fx.GraphModule:
@@ -363,6 +366,19 @@ class QuantizedModel(nn.Module):
             meta.get("float_bytes"),
             kv_layers=[KVReport.from_json(layer) for layer in meta.get("kv_cache", [])],
         )
+
+
+def cuda_eager_graph(graph_module: fx.GraphModule, copy) -> fx.GraphModule | None:
+    """What calls without autograd run on CUDA: a copy (`copy()`, over the same tensors) whose quantized linears
+    with CUDA weights call the autograd-free twins `qcompile::cuda_*` (`triton.use_kernel_call_ops`), which skip
+    the public ops' Python autograd layer; None where no layer's weight is a CUDA tensor (or without Triton)."""
+    from qcompile.lowering import triton as triton_lowering
+
+    tensors = [*graph_module.parameters(), *graph_module.buffers()]
+    if not any(triton_lowering.on_cuda(t) for t in tensors) or not triton_lowering.available():
+        return None
+    eager = copy()
+    return eager if triton_lowering.use_kernel_call_ops(eager) else None
 
 
 def _inductor_freezes() -> bool:

@@ -42,14 +42,25 @@ class QuantizedLinear(nn.Module):
                 self.constants[name] = value
         self.register_buffer("input_multiplier", input_multiplier)
 
-    def _cpu_twin(self):
-        """The op's autograd-free CPU twin (the op itself where it has none), looked up once."""
-        twin = self.__dict__.get("_twin")
+    def _twin(self, device_type: str):
+        """The op's autograd-free twin for a device ("cpu": qcompile::cpu_*, "cuda": qcompile::cuda_*), or the op
+        itself where it has none; looked up once per device."""
+        twins = self.__dict__.get("_twins")
+        if twins is None:
+            twins = self.__dict__["_twins"] = {}
+        twin = twins.get(device_type)
         if twin is None:
-            from qcompile.lowering import cpu
+            if device_type == "cpu":
+                from qcompile.lowering import cpu
 
-            twin = cpu.kernel_call_ops().get(self.op, self.op)
-            self.__dict__["_twin"] = twin
+                table = cpu.kernel_call_ops()
+            elif device_type == "cuda":
+                from qcompile.lowering import triton
+
+                table = triton.kernel_call_ops()
+            else:
+                table = {}
+            twin = twins[device_type] = table.get(self.op, self.op)
         return twin
 
     def extra_repr(self) -> str:
@@ -60,8 +71,8 @@ class QuantizedLinear(nn.Module):
         if self.input_multiplier is not None:
             x = (x * self.input_multiplier).to(x.dtype)
         op = self.op
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            op = self._cpu_twin()  # the autograd-free twin, as the eager graph calls it
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            op = self._twin(x.device.type)  # the autograd-free twin, as the eager graph calls it
         args = [self.constants[name] if name in self.constants else getattr(self, name)
                 for name in self.argument_names]
         return op(x, *args)

@@ -124,7 +124,7 @@ test_interpreter_suite.__test__ = not INTERPRETED
 
 def _gemv_id(value) -> str:
     if isinstance(value, launch.GemvCfg):
-        return f"n{value.BLOCK_N}-kb{value.BLOCK_KB}-split{value.SPLIT_K}"
+        return f"n{value.BLOCK_N}-c{value.BLOCK_C}-w{value.num_warps}"
     return str(value).replace("torch.", "")
 
 
@@ -368,34 +368,144 @@ class TestInterpreter:
         assert_matches(out8, ref.int8_linear(x, t8.q, t8.scale, None, None, "int8", "token"),
                        ref.quantize_input(x, "int8", "token", None), numerics.dequantize_int8(t8))
 
-    # Every configuration with one and several rows, every activation dtype at least once (the interpreter runs a
-    # configuration with small chunks slowly: the full cross product took half of this class's time)
+    # ------------------------------------------------------------------------------ CUDA-core GEMV (M <= 4)
+    # lowering/triton/gemv.py has no tl.dot, so bf16 activations are checked in the interpreter as well.
+
+    @staticmethod
+    def _gemv_case(weights: str, n: int, k: int, seed: int, group: int = 64):
+        """(weight args for launch.w4_gemm, dequantized weight, quantized tensor) for random weights (rows of varied
+        magnitude) with all-zero groups/blocks (rows 0-1, and one block in the middle of row 5)."""
+        w = torch.randn(n, k, generator=_gen(seed)) * torch.rand(n, 1, generator=_gen(seed + 1)) * 3
+        w[:2, :128] = 0.0
+        w[5, 160:176] = 0.0
+        if weights == "nvfp4":
+            t = numerics.quantize_nvfp4(w)
+            args = (t.packed, t.block_scale, None, 16, t.global_scale.reshape(1).float())
+            return args, numerics.dequantize_nvfp4(t), t
+        bits = 3 if weights == "int3" else 4
+        t = numerics.quantize_int4(w, group, symmetric=weights != "int4_asym", bits=bits)
+        return (t.packed, t.scale, t.zero_point, group, None), numerics.dequantize_int4(t), t
+
+    @staticmethod
+    def _gemv_reference(weights: str, t, x, bias):
+        if weights == "nvfp4":
+            return ref.nvfp4_linear(x, t.packed, t.block_scale, t.global_scale, x.shape[1], bias, None, "none",
+                                    "block")
+        return ref.int4_linear(x, t.packed, t.scale, t.zero_point, t.group_size, t.bits, x.shape[1], bias, None,
+                               "none", "tensor")
+
+    @pytest.mark.parametrize("weights", ["int4", "int4_asym", "int3", "nvfp4"])
+    @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (2, torch.float16), (3, torch.float32),
+                                         (4, torch.bfloat16)], ids=_gemv_id)
+    def test_gemv_matches_reference(self, weights, m, dtype):
+        """Every row count of the GEMV, each activation dtype, every 4-bit weight kind, against the reference.
+
+        N = 37 is no multiple of BLOCK_N; K = 330 (INT, groups of 64: K is no multiple of the group or of the
+        32-element chunk, the padded row holds 12 chunks) or 350 (NVFP4: 11 chunks, so the last iteration of
+        BLOCK_C = 4 re-reads a chunk past the row's end). Bias on odd M; a NaN in the last row (M > 1) must
+        make that output row NaN, as in the reference, and leave the others exact."""
+        n, k = 37, (350 if weights == "nvfp4" else 330)
+        seed = 100 * m + len(weights) + (7 if dtype == torch.float32 else 0)
+        wargs, w_deq, t = self._gemv_case(weights, n, k, seed)
+        x = (torch.randn(m, k, generator=_gen(seed + 2)) * 2).to(dtype)
+        if m > 1:
+            x[-1, 7] = float("nan")
+        bias = torch.randn(n, generator=_gen(seed + 3)) if m % 2 else None
+        packed, scale, zp, group, gs = wargs
+        out = launch.w4_gemm(x, None, packed, scale, zp, group, gs, bias, dtype, config=launch.INTERPRET_GEMV)
+        want = self._gemv_reference(weights, t, x, bias)
+        assert out.isnan().all(dim=1).tolist() == [m > 1 and i == m - 1 for i in range(m)]
+        assert_matches(out, want, x.nan_to_num(0.0), w_deq, bias)
+
     @pytest.mark.parametrize("cfg,m,dtype", [
-        (launch.GemvCfg(4, 16, 1), 1, torch.bfloat16), (launch.GemvCfg(4, 16, 1), 4, torch.float32),
-        (launch.GemvCfg(8, 32, 3), 3, torch.float16), (launch.GemvCfg(8, 32, 3), 1, torch.float32),
-        (launch.GemvCfg(16, 16, 2), 4, torch.float32), (launch.GemvCfg(16, 16, 2), 1, torch.bfloat16),
+        (launch.GemvCfg(4, 4, 1), 1, torch.float16), (launch.GemvCfg(8, 8, 2), 4, torch.float32),
+        (launch.GemvCfg(2, 16, 1), 3, torch.bfloat16), (launch.GemvCfg(16, 2, 1), 2, torch.float16),
     ], ids=_gemv_id)
     def test_gemv_configurations_agree(self, cfg, m, dtype):
-        """The CUDA-core GEMV of decode steps: N and K that no chunk divides, uneven split-K, bias, both weights."""
-        x, w = make_x(m, 330, dtype, seed=75 + m), make_w(37, 330)
-        bias = torch.randn(37, generator=_gen(9))
-        for sym in (True, False):
-            t = numerics.quantize_int4(w, 64, symmetric=sym)
-            out = launch.w4_gemm(x, None, t.packed, t.scale, t.zero_point, 64, None, bias, x.dtype, config=cfg)
-            want = ref.int4_linear(x, t.packed, t.scale, t.zero_point, 64, 4, 330, bias, None, "none", "tensor")
-            assert_matches(out, want, x, numerics.dequantize_int4(t), bias)
-        t = numerics.quantize_nvfp4(w)
-        out = launch.w4_gemm(x, None, t.packed, t.block_scale, None, 16, t.global_scale.reshape(1).float(), bias,
-                             x.dtype, config=cfg)
-        want = ref.nvfp4_linear(x, t.packed, t.block_scale, t.global_scale, 330, bias, None, "none", "block")
-        assert_matches(out, want, x, numerics.dequantize_nvfp4(t), bias)
+        """Other GEMV tiles: chunk counts that BLOCK_C does not divide (the last iteration re-reads chunks), more
+        rows per program than the last program has, and BLOCK_C below the thread count (one warp across rows)."""
+        n = 37
+        bias = torch.randn(n, generator=_gen(9))
+        for weights in ("int4", "int4_asym", "nvfp4"):
+            k = 350 if weights == "nvfp4" else 330
+            x = make_x(m, k, dtype, seed=75 + m)
+            (packed, scale, zp, group, gs), w_deq, t = self._gemv_case(weights, n, k, 31)
+            out = launch.w4_gemm(x, None, packed, scale, zp, group, gs, bias, dtype, config=cfg)
+            assert_matches(out, self._gemv_reference(weights, t, x, bias), x, w_deq, bias)
+
+    # ------------------------------------------------------------------------- tensor-core GEMV (M <= 4)
+    # Under the interpreter w4_gemv_mma_kernel runs its lane program with the MMA and the packed 16-bit decoding
+    # written out in float32 (gemv.py); which lane loads which weights and activations, their pairing, the scales,
+    # the split of K over warps and the final sum are the compiled kernel's.
+
+    @pytest.mark.parametrize("weights", ["int4", "int4_asym", "int3", "nvfp4"])
+    @pytest.mark.parametrize("m,dtype", [(1, torch.float16), (2, torch.bfloat16), (3, torch.float16),
+                                         (4, torch.bfloat16)], ids=_gemv_id)
+    def test_gemv_mma_matches_reference(self, weights, m, dtype):
+        """Every row count and weight kind against the reference. N = 37: the second program's two row tiles are
+        partly past N. K = 328 (INT, groups of 128: the last 128-element block holds 72 elements, the rest of
+        the lanes' chunks masked) or 352 (NVFP4: 2.75 blocks, the last lane's chunk re-reads the row's last).
+        Zero groups/blocks, a NaN in the last row (M > 1) that must leave the other rows exact, bias on odd M."""
+        n, k = 37, (352 if weights == "nvfp4" else 328)
+        seed = 100 * m + len(weights) + 3
+        wargs, w_deq, t = self._gemv_case(weights, n, k, seed, group=128)
+        x = (torch.randn(m, k, generator=_gen(seed + 2)) * 2).to(dtype)
+        if m > 1:
+            x[-1, 300] = float("nan")
+        bias = torch.randn(n, generator=_gen(seed + 3)) if m % 2 else None
+        packed, scale, zp, group, gs = wargs
+        out = launch.w4_gemm(x, None, packed, scale, zp, group, gs, bias, dtype, config=launch.INTERPRET_GEMV_MMA)
+        want = self._gemv_reference(weights, t, x, bias)
+        assert out.isnan().all(dim=1).tolist() == [m > 1 and i == m - 1 for i in range(m)]
+        assert_matches(out, want, x.nan_to_num(0.0), w_deq, bias)
+
+    @pytest.mark.parametrize("cfg,m,dtype", [
+        (launch.GemvCfg(16, 8, 2, True), 4, torch.float16), (launch.GemvCfg(32, 16, 4, True), 1, torch.bfloat16),
+    ], ids=_gemv_id)
+    def test_gemv_mma_configurations_agree(self, cfg, m, dtype):
+        """One row tile per program, and warps splitting K: 2 or 4 warps over 6 blocks of 128 (K = 712, INT
+        groups of 256; NVFP4 K = 736), so some warps run past the row in the last iteration."""
+        n = 45
+        bias = torch.randn(n, generator=_gen(19))
+        for weights in ("int4", "int4_asym", "nvfp4"):
+            k = 736 if weights == "nvfp4" else 712
+            x = make_x(m, k, dtype, seed=85 + m)
+            (packed, scale, zp, group, gs), w_deq, t = self._gemv_case(weights, n, k, 41, group=256)
+            out = launch.w4_gemm(x, None, packed, scale, zp, group, gs, bias, dtype, config=cfg)
+            assert_matches(out, self._gemv_reference(weights, t, x, bias), x, w_deq, bias)
+
+    def test_gemv_mma_is_chosen_where_it_applies(self):
+        """The tensor-core GEMV runs for fp16/bf16 activations with K a multiple of 8 and INT groups a multiple of
+        128 (or NVFP4); float32 activations, groups of 64 and odd K keep the CUDA-core GEMV, and asking for it
+        there is an error."""
+        x = make_x(2, 256, seed=88)
+        assert launch._gemv_mma(x, 128, False) and launch._gemv_mma(x.bfloat16(), 16, True)
+        assert not launch._gemv_mma(x.float(), 128, False)
+        assert not launch._gemv_mma(x, 64, False)
+        assert not launch._gemv_mma(make_x(2, 250, seed=88), 16, True)
+        assert launch._gemv_configs(2, 128, False, True) == (launch.INTERPRET_GEMV_MMA,)
+        t = numerics.quantize_int4(make_w(16, 256), 64)
+        with pytest.raises(ValueError, match="multiple of 128"):
+            launch.w4_gemm(x, None, t.packed, t.scale, None, 64, None, None, x.dtype,
+                           config=launch.INTERPRET_GEMV_MMA)
+        calls = []
+        kernel = launch.gemv.w4_gemv_mma_kernel
+        t = numerics.quantize_int4(make_w(16, 256), 128)
+        try:  # the default launch of an fp16 decode step takes the tensor-core kernel
+            launch.gemv.w4_gemv_mma_kernel = _Recording(kernel, calls)
+            out = launch.w4_gemm(x, None, t.packed, t.scale, None, 128, None, None, x.dtype)
+        finally:
+            launch.gemv.w4_gemv_mma_kernel = kernel
+        assert calls
+        want = ref.int4_linear(x, t.packed, t.scale, None, 128, 4, 256, None, None, "none", "tensor")
+        assert_matches(out, want, x, numerics.dequantize_int4(t))
 
     def test_gemv_is_the_decode_path_and_rejects_what_it_cannot_run(self):
         x, w = make_x(2, 256, seed=78), make_w(16, 256)
         t = numerics.quantize_int4(w, 128)
-        assert isinstance(launch._gemv_configs(2, 128, False)[0], launch.GemvCfg)
+        assert launch._gemv_configs(2, 128, False) == (launch.INTERPRET_GEMV,)
         assert launch._gemv_configs(launch.GEMV_MAX_M + 1, 128, False) == ()
-        assert launch._gemv_configs(1, 24, False) == ()  # no 32-element chunk lies inside a group of 24
+        assert launch._gemv_configs(1, 48, False) == ()  # a 32-element chunk would straddle groups of 48
         x[0, 5], x[1, 7], x[1, 9] = float("nan"), float("inf"), float("-inf")
         for bias in (None, torch.randn(16, generator=_gen(10))):  # NaN and inf propagate as in the reference
             out = launch.w4_gemm(x, None, t.packed, t.scale, None, 128, None, bias, x.dtype)
@@ -405,9 +515,70 @@ class TestInterpreter:
         a, sa = launch.quantize_rows(x.nan_to_num(0, 0, 0), "int8")
         with pytest.raises(ValueError, match="float activations"):
             launch.w4_gemm(a, sa, t.packed, t.scale, None, 128, None, None, x.dtype, config=launch.GemvCfg(8, 16))
-        with pytest.raises(ValueError, match="inside a group"):  # 128-element chunks would straddle groups of 64
-            t64 = numerics.quantize_int4(w, 64)
-            launch.w4_gemm(x, None, t64.packed, t64.scale, None, 64, None, None, x.dtype, config=launch.GemvCfg(8, 64))
+        with pytest.raises(ValueError, match="multiple of 32"):
+            t48 = numerics.quantize_int4(w, 48)
+            launch.w4_gemm(x, None, t48.packed, t48.scale, None, 48, None, None, x.dtype, config=launch.GemvCfg(8, 4))
+        # NVFP4 rows of 24 bytes (K = 40) are no whole number of 16-byte chunks: the tile kernel runs them.
+        n4 = numerics.quantize_nvfp4(make_w(16, 40))
+        x40 = make_x(2, 40, seed=79)
+        gs = n4.global_scale.reshape(1).float()
+        with pytest.raises(ValueError, match="16 bytes"):
+            launch.w4_gemm(x40, None, n4.packed, n4.block_scale, None, 16, gs, None, x.dtype,
+                           config=launch.GemvCfg(8, 4))
+        out = launch.w4_gemm(x40, None, n4.packed, n4.block_scale, None, 16, gs, None, x.dtype)
+        assert_matches(out, ref.nvfp4_linear(x40, n4.packed, n4.block_scale, n4.global_scale, 40, None, None, "none",
+                                             "block"), x40, numerics.dequantize_nvfp4(n4))
+
+    @pytest.mark.parametrize("case", ["int4_gemv", "int4_asym_tile", "int4_a8", "nvfp4_gemv", "nvfp4_tile",
+                                      "int8_prologue", "int8_static", "fp8_block", "fp8_token_prefill"])
+    def test_plan_launches_match_the_launchers_bitwise(self, case):
+        """A plan fixes the configuration, flags and strides of its launch at the first call for an M
+        (`launch.w4_prepare` / `w8_prepare`); every call, with new activations of any row stride, gives the bits of
+        the general launchers."""
+        n, k = 24, 256
+        w, bias = make_w(n, k), torch.randn(n, generator=_gen(5))
+        m = {"int4_asym_tile": 7, "nvfp4_tile": 20, "fp8_token_prefill": 20, "int8_static": 5}.get(case, 2)
+        if case.startswith("int4"):
+            t = numerics.quantize_int4(w, 128, symmetric=case != "int4_asym_tile")
+            fmt = "int8" if case == "int4_a8" else "none"
+            args = (t.packed, t.scale, t.zero_point, 128, 4, k, bias, None, fmt, "token")
+            op = dispatch.int4_linear
+
+            def want(x):
+                a, sa = dispatch.quantize_activation(x, fmt, "token", None)
+                return launch.w4_gemm(a, sa, t.packed, t.scale, t.zero_point, 128, None, bias, x.dtype)
+        elif case.startswith("nvfp4"):
+            t = numerics.quantize_nvfp4(w)
+            args = (t.packed, t.block_scale, t.global_scale, k, bias, None, "none", "block")
+            op = dispatch.nvfp4_linear
+
+            def want(x):
+                return launch.w4_gemm(x, None, t.packed, t.block_scale, None, 16, t.global_scale.reshape(1).float(),
+                                      bias, x.dtype)
+        else:
+            fp8 = case.startswith("fp8")
+            block = 128 if case == "fp8_block" else 0
+            t = numerics.quantize_fp8(w, "block" if block else "channel", block_size=128) if fp8 else \
+                numerics.quantize_int8(w, "channel")
+            fmt = "none" if block else ("fp8_e4m3" if fp8 else "int8")
+            static = torch.tensor(0.02) if case == "int8_static" else None
+            gran = "tensor" if static is not None else "token"
+            args = ((t.q, t.scale, block) if fp8 else (t.q, t.scale)) + (bias, static, fmt, gran)
+            op = dispatch.fp8_linear if fp8 else dispatch.int8_linear
+
+            def want(x):
+                if dispatch.prologue_quant(m, fmt, gran, static):
+                    return launch.w8_gemm(x, None, t.q, t.scale, 0, bias, x.dtype, quant_a=True)
+                a, sa = dispatch.quantize_activation(x, fmt, gran, static)
+                return launch.w8_gemm(a, sa, t.q, t.scale, block, bias, x.dtype)
+        builds = dispatch.plan_stats()["builds"]
+        for seed in range(3):
+            x = make_x(m, k, torch.bfloat16, seed=40 + seed)
+            if seed == 2:  # rows further apart than K
+                x = torch.cat([x, x], dim=1)[:, :k]
+            assert _same_bits(op(x, *args), want(x)), seed
+        if dispatch.PLAN_CACHE:
+            assert dispatch.plan_stats()["builds"] == builds + 1
 
     def test_empty_batch(self):
         x = torch.zeros(0, 64, dtype=torch.float16)
@@ -565,10 +736,24 @@ def test_cuda_full_size(cuda, case, m):
         bias = torch.randn(n, device=cuda)
         scale = None if static is None else torch.tensor(static, device=cuda)
         args = (x, *wargs, bias, scale, fmt, gran)
-        assert dispatch.plan(op, *args).startswith("triton"), dispatch.plan(op, *args)
+        plan = dispatch.plan(op, *args)
+        assert plan.startswith("triton"), plan
         out = getattr(torch.ops.qcompile, op)(*args)  # the registered CUDA implementation
         expected = getattr(ref, op)(*args)
-        assert_matches(out, expected, ref.quantize_input(x, fmt, gran, scale), w_deq, bias)
+        # the prefill path rounds INT weights (and the float32 bias) once to the activation dtype
+        rounding = _EPS[dtype] / 2 if "dequantize kernel" in plan else 0.0
+        assert_matches(out, expected, ref.quantize_input(x, fmt, gran, scale), w_deq, bias, weight_rounding=rounding)
+
+
+class _Recording:
+    """A kernel that records its launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("weights", ["int4", "int4_asym", "nvfp4"])
@@ -588,8 +773,8 @@ def test_cuda_gemv_every_configuration(cuda, weights):
             packed, scale, zp, group = wargs[:4]
             expected = ref.int4_linear(x, *wargs, bias, None, "none", "tensor")
             run = functools.partial(launch.w4_gemm, x, None, packed, scale, zp, group, None, bias, dtype)
-        configs = launch._gemv_configs(m, 16 if weights == "nvfp4" else 128, weights == "nvfp4")
-        assert len(configs) >= 4
+        configs = launch._gemv_configs(m, 16 if weights == "nvfp4" else 128, weights == "nvfp4", True)
+        assert len(configs) >= 8 and any(cfg.MMA for cfg in configs)
         for cfg in configs:
             out = run(config=cfg)
             assert_matches(out, expected, x, w_deq, bias)
@@ -622,3 +807,374 @@ def test_cuda_torch_compile_uses_the_kernels(cuda):
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x), dispatch.int4_linear(x, t.packed, t.scale, None, 128, 4, 1024, lin.bias,
                                                                  None, "none", "tensor"))
+
+
+# ------------------------------------------------------------------ PyTorch's GEMMs and the fused prologue
+
+from qcompile.lowering.triton import dequant  # noqa: E402
+
+
+def _same_bits(out: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-for-bit equality, NaN matching NaN of any payload."""
+    if out.shape != want.shape or out.dtype != want.dtype:
+        return False
+    nan = out.isnan()
+    if not torch.equal(nan, want.isnan()):
+        return False
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[out.element_size()]
+    return torch.equal(out[~nan].view(ints), want[~nan].view(ints))
+
+
+_DEQUANT_WEIGHTS = [(4, True, 128), (4, False, 128), (3, True, 32), (3, False, 32), (4, True, 16), (4, False, 48),
+                    (4, True, 24), (3, False, 25)]
+
+
+class TestInterpreterTorchPaths:
+    """The dequantize + cuBLAS prefill path (dequant.py) and the GEMM that quantizes its own activations."""
+
+    __test__ = INTERPRETED
+
+    @pytest.mark.parametrize("bits,sym,group", _DEQUANT_WEIGHTS)
+    def test_dequant_kernel_matches_reference_bitwise(self, bits, sym, group):
+        """K = 200 is no multiple of most groups (the last group is partial, in_features < Kp); huge weights
+        overflow fp16 to inf as the reference's cast does, tiny ones become subnormal or zero alike."""
+        w = make_w(21, 200, seed=bits + group)
+        w[5] *= 1e30
+        w[6] *= 1e-30
+        w[7, 100:] *= 3e4
+        t = numerics.quantize_int4(w, group, symmetric=sym, bits=bits)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            want = numerics.dequantize_int4(t, dtype)
+            for block_kb in (16, 64):  # tiles inside one group, and groups inside one tile (or gathered scales)
+                out = dequant.dequantize_w4(t.packed, t.scale, t.zero_point, group, False, 200, dtype,
+                                            block_n=4, block_kb=block_kb)
+                assert _same_bits(out, want), (dtype, block_kb)
+
+    def test_dequant_kernel_rounding_ties_and_overflow(self):
+        """Products that fall exactly halfway between two bf16/fp16 values round to the even one, and those past
+        the dtype's range become inf, as the reference's cast does."""
+        t = numerics.quantize_int4(make_w(8, 64, seed=5), 16, symmetric=False)
+        fmax = torch.finfo(torch.float32).max
+        ties = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11])  # bf16 / fp16 midpoints
+        t.scale[0] = ties
+        t.scale[1] = -ties
+        t.scale[2] = torch.tensor([fmax / 15, 65504.0 / 15, 65520.0 / 15, 3.3e38 / 15])
+        t.zero_point[:3] = 0
+        # codes 1 (the scales themselves: the ties), 3 and 15 (the largest products) in every group of rows 0-2
+        t.packed[:3] = torch.tensor([0x1F, 0x3F, 0xF1, 0x13], dtype=torch.uint8).repeat(8)
+        for dtype in (torch.bfloat16, torch.float16):
+            want = numerics.dequantize_int4(t, dtype)
+            exact = numerics.dequantize_int4(t)
+            assert want.isinf().any() and (want[:2].float() != exact[:2]).any()  # overflow and rounding happen
+            out = dequant.dequantize_w4(t.packed, t.scale, t.zero_point, 16, False, 64, dtype)
+            assert _same_bits(out, want), dtype
+
+    def test_dequant_kernel_nvfp4_bitwise(self):
+        """E2M1 value times block scale, without the global scale: exact in fp16/bf16, -0.0 codes and NaN block
+        scales included."""
+        w = make_w(13, 200, seed=3) * 1e30  # a huge global scale stays out of the buffer
+        w[2, :40] = -1e-35  # negative values that round to -0.0 (code 8)
+        w[3, :16] = 0.0
+        t = numerics.quantize_nvfp4(w)
+        bscale = t.block_scale.clone()
+        bscale.view(torch.uint8)[4, 2] = 0x7F  # a NaN block scale
+        codes = numerics.unpack_nibbles(t.packed)
+        exact = (numerics.e2m1_decode(codes) * bscale.float().repeat_interleave(16, dim=1))[:, :200]
+        assert exact[2, 0].item() == 0 and exact[2, 0].signbit() and exact[4, 32:48].isnan().all()
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            out = dequant.dequantize_w4(t.packed, bscale, None, 16, True, 200, dtype)
+            assert _same_bits(out, exact.to(dtype)), dtype
+            assert _same_bits(out.float(), exact)  # nothing was rounded
+
+    @pytest.mark.parametrize("bits,sym,group", [(4, True, 128), (4, False, 128), (3, False, 32), (4, True, 24),
+                                                (3, False, 25)])
+    def test_prefill_int_matches_reference(self, bits, sym, group):
+        x, w = make_x(70, 200, seed=group), make_w(40, 200)
+        t = numerics.quantize_int4(w, group, symmetric=sym, bits=bits)
+        bias = torch.randn(40, generator=_gen(11))  # float32: rounded to fp16 for the addmm
+        args = (x, t.packed, t.scale, t.zero_point, group, bits, 200, bias, None, "none", "tensor")
+        assert "dequantize kernel to float16 + torch.addmm" in dispatch.plan("int4_linear", *args)
+        # each weight (and the bias) rounded once to fp16: relative error up to 2**-11
+        assert_matches(dispatch.int4_linear(*args), ref.int4_linear(*args), x, numerics.dequantize_int4(t), bias,
+                       weight_rounding=2.0**-11)
+
+    def test_prefill_nvfp4_is_exact_up_to_summation(self):
+        """Buffer exact, global scale as the GEMM's alpha, fp16 bias: no rounding but the output's."""
+        x = make_x(2 * 40, 200, seed=12).reshape(2, 40, 200)
+        t = numerics.quantize_nvfp4(make_w(24, 200) * 1e-3)
+        bias = torch.randn(24, generator=_gen(12)).half()
+        for b in (bias, None):
+            args = (x, t.packed, t.block_scale, t.global_scale, 200, b, None, "none", "block")
+            assert "dequantize kernel" in dispatch.plan("nvfp4_linear", *args)
+            out = dispatch.nvfp4_linear(*args)
+            assert out.shape == (2, 40, 24)
+            assert_matches(out, ref.nvfp4_linear(*args), x, numerics.dequantize_nvfp4(t), b)
+
+    def test_prefill_bf16_activations(self):
+        """bf16 runs here too (the product is torch's, not the interpreter's dot)."""
+        x, w = make_x(64, 160, torch.bfloat16, seed=13), make_w(32, 160)
+        t = numerics.quantize_int4(w * 1e20, 32, symmetric=False)  # beyond fp16, fine in bf16
+        args = (x, t.packed, t.scale, t.zero_point, 32, 4, 160, None, None, "none", "tensor")
+        assert "dequantize kernel to bfloat16" in dispatch.plan("int4_linear", *args)
+        assert_matches(dispatch.int4_linear(*args), ref.int4_linear(*args), x, numerics.dequantize_int4(t),
+                       weight_rounding=2.0**-8)
+
+    def test_prefill_threshold_switch_and_overflow_guard(self, monkeypatch):
+        w = make_w(32, 128)
+        t = numerics.quantize_int4(w, 64)
+        small = make_x(dequant.PREFILL_DEQUANT_MIN_M - 1, 128, seed=14)
+        large = make_x(dequant.PREFILL_DEQUANT_MIN_M, 128, seed=14)
+        make = lambda x, t: (x, t.packed, t.scale, t.zero_point, 64, 4, 128, None, None, "none", "tensor")  # noqa: E731
+        assert "in-kernel dequantization" in dispatch.plan("int4_linear", *make(small, t))
+        assert "dequantize kernel" in dispatch.plan("int4_linear", *make(large, t))
+        assert "in-kernel dequantization" in dispatch.plan("int4_linear", *make(large.float(), t))  # fp32: Triton
+        # weights beyond fp16's range: the buffer would overflow, so fp16 keeps the Triton GEMM (exact here)
+        big = numerics.quantize_int4(w * 1e5, 64)
+        x = large * 1e-4
+        assert "in-kernel dequantization" in dispatch.plan("int4_linear", *make(x, big))
+        assert_matches(dispatch.int4_linear(*make(x, big)), ref.int4_linear(*make(x, big)), x,
+                       numerics.dequantize_int4(big))
+        assert "dequantize kernel" in dispatch.plan("int4_linear", *make(x.bfloat16(), big))
+        monkeypatch.setattr(dequant, "W4_PREFILL", "triton")
+        args = make(large, t)
+        assert "in-kernel dequantization" in dispatch.plan("int4_linear", *args)
+        assert_matches(launch.w4_gemm(large, None, t.packed, t.scale, None, 64, None, None, large.dtype),
+                       ref.int4_linear(*args), large, numerics.dequantize_int4(t))
+
+    # ------------------------------------------------------------- activation quantization in the GEMM prologue
+
+    @staticmethod
+    def _activations(fmt: str, dtype) -> torch.Tensor:
+        """Rows: random, all zero, NaN, inf, exact ties (scale 1: amax 127 / 448), tiny, huge."""
+        x = make_x(9, 200, torch.float32, seed=15)
+        x[1] = 0.0
+        x[2, 17] = float("nan")
+        x[3, 0] = float("-inf")
+        qmax = 127.0 if fmt == "int8" else 448.0
+        if fmt == "int8":
+            ties = torch.arange(-99, 101, dtype=torch.float32) + 0.5
+        else:
+            ties = fp8_midpoints()[:200]
+        x[4] = ties
+        x[4, 0] = qmax  # amax = qmax: scale exactly 1, the ties reach the rounding unscaled
+        x[5] *= 1e-30 if dtype != torch.float16 else 1e-4
+        x[6] *= 1e30 if dtype != torch.float16 else 1e2
+        return x.to(dtype)
+
+    @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+    def test_prologue_quant_equals_two_kernels_bitwise(self, fmt, dtype):
+        x = self._activations(fmt, dtype)
+        w = make_w(40, 200)
+        t = numerics.quantize_int8(w, "channel") if fmt == "int8" else numerics.quantize_fp8(w, "channel")
+        bias = torch.randn(40, generator=_gen(16))
+        a, sa = launch.quantize_rows(x, fmt)
+        r = (numerics.quantize_int8 if fmt == "int8" else numerics.quantize_fp8)(x[[0, 1, 4, 5, 6, 7, 8]], "token")
+        assert torch.equal(_bits(a[[0, 1, 4, 5, 6, 7, 8]]), _bits(r.q))  # the two-kernel path is the reference's
+        for cfg in (launch.Cfg(16, 16, 32, 1, 1), launch.Cfg(16, 32, 64, 3, 1), launch.Cfg(16, 64, 128, 2, 1)):
+            two = launch.w8_gemm(a, sa, t.q, t.scale, 0, bias, dtype, config=cfg)
+            one = launch.w8_gemm(x, None, t.q, t.scale, 0, bias, dtype, config=cfg, quant_a=True)
+            assert _same_bits(one, two), cfg
+            assert one[[2, 3]].isnan().all() and not one[[0, 1, 4, 5, 6, 7, 8]].isnan().any()
+
+    @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+    def test_prologue_quant_through_dispatch(self, fmt, monkeypatch):
+        x = self._activations(fmt, torch.float16)
+        good = [0, 1, 4, 5, 6, 7, 8]
+        w = make_w(48, 200)
+        bias = torch.randn(48, generator=_gen(17))
+        if fmt == "int8":
+            t = numerics.quantize_int8(w, "channel")
+            make = lambda x: (x, t.q, t.scale, bias, None, "int8", "token")  # noqa: E731
+            op, w_deq = "int8_linear", numerics.dequantize_int8(t)
+        else:
+            t = numerics.quantize_fp8(w, "block", block_size=64)
+            make = lambda x: (x, t.q, t.scale, 64, bias, None, "fp8_e4m3", "token")  # noqa: E731
+            op, w_deq = "fp8_linear", numerics.dequantize_fp8(t)
+        assert "prologue" in dispatch.plan(op, *make(x))
+        out = getattr(dispatch, op)(*make(x))
+        assert out[[2, 3]].isnan().all()
+        xg = x[good]
+        assert_matches(out[good], getattr(ref, op)(*make(xg)), ref.quantize_input(xg, fmt, "token", None), w_deq,
+                       bias)
+        longer = torch.cat([xg, xg, xg])  # 21 rows: past decode, the separate quantization kernel again
+        assert "prologue" not in dispatch.plan(op, *make(longer))
+        assert_matches(getattr(dispatch, op)(*make(longer)), getattr(ref, op)(*make(longer)),
+                       ref.quantize_input(longer, fmt, "token", None), w_deq, bias)
+        monkeypatch.setattr(dispatch, "CHECK_FINITE", True)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            getattr(dispatch, op)(*make(x))
+
+
+# ------------------------------------------------------------------------ choice logic and caches (any mode)
+
+
+def test_weight_cache_follows_the_tensor():
+    cache = dequant.WeightCache()
+    calls = []
+
+    def make(t):
+        calls.append(1)
+        return float(t.sum())
+
+    t = torch.ones(4)
+    assert cache.get(t, make) == 4.0 and cache.get(t, make) == 4.0 and len(calls) == 1
+    assert cache.get(t.reshape(4), make) == 4.0 and len(calls) == 1  # a view of the same tensor hits
+    t.mul_(2)  # an in-place update is a new version
+    assert cache.get(t, make) == 8.0 and len(calls) == 2
+    assert len(cache) == 1
+    del t
+    assert len(cache) == 0  # freed with its tensor: a later tensor at the same address starts afresh
+
+
+def test_tinygemm_operands_reproduce_the_weight():
+    """tinygemm's weight is (u - 8) * scale + zero per group, with scales-and-zeros [K/g, N, 2]: the conversion is
+    exact in float32 for symmetric groups and within float32 rounding for asymmetric ones."""
+    for sym in (True, False):
+        t = numerics.quantize_int4(make_w(16, 256, seed=20), 64, symmetric=sym)
+        u, sz = dequant.tinygemm_operands(t.packed, t.scale, t.zero_point, torch.float32)
+        assert u.dtype == torch.int32 and int(u.min()) >= 0 and int(u.max()) <= 15 and sz.shape == (4, 16, 2)
+        groups = (u.float() - 8).reshape(16, 4, 64)  # float32, as the reference computes code * scale
+        w = groups * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        want = numerics.dequantize_int4(t)
+        err = (w.reshape(16, 256) - want).abs()
+        assert float(err.max()) <= (0.0 if sym else 2.0**-22 * float(want.abs().max()))
+        # the uint8 layout _convert_weight_to_int4pack takes: the even element in the high nibble
+        hi_first = dequant._pack_high_first(u)
+        assert torch.equal(hi_first >> 4, u[:, 0::2].to(torch.uint8))
+        assert torch.equal(hi_first & 0xF, u[:, 1::2].to(torch.uint8))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm in this torch")
+def test_tinygemm_layout_through_the_cpu_kernel():
+    """The CPU twin of tinygemm takes the same scales-and-zeros: a check of that layout and of the bf16 rounding
+    this path documents (not bit-exact)."""
+    for sym in (True, False):
+        t = numerics.quantize_int4(make_w(32, 256, seed=21), 128, symmetric=sym)
+        u, sz = dequant.tinygemm_operands(t.packed, t.scale, t.zero_point)
+        x = make_x(5, 256, torch.bfloat16, seed=22)
+        out = torch._weight_int4pack_mm_for_cpu(x, torch._convert_weight_to_int4pack_for_cpu(u, 2), 128, sz)
+        want = ref.int4_linear(x, t.packed, t.scale, t.zero_point, 128, 4, 256, None, None, "none", "tensor")
+        bound = x.double().abs() @ numerics.dequantize_int4(t).double().abs().T
+        excess = (out.double() - want.double()).abs() - 2.0**-6 * bound - 2.0**-7 * want.double().abs()
+        assert float(excess.max()) <= 0
+
+
+def test_tinygemm_is_opt_in_and_cuda_only(monkeypatch):
+    t = numerics.quantize_int4(make_w(16, 256), 128)
+    x = make_x(2, 256, torch.bfloat16)
+    assert not dequant.tinygemm_applies(x, False, t.packed, None, 128, False)  # default backend: Triton
+    monkeypatch.setattr(dequant, "INT4_BACKEND", "tinygemm")
+    assert not dequant.tinygemm_applies(x, False, t.packed, None, 128, False)  # CPU tensors never
+    assert not dequant.tinygemm_applies(x, False, t.packed, None, 24, False)
+
+
+def test_fp8_backend_choice_is_timed_once_per_shape(monkeypatch):
+    """`auto` keeps the faster of the Triton GEMM and torch._scaled_mm per (M bucket, N, K, bias, fused)."""
+    timings = {"run_triton": 2.0, "run_cublas": 1.0}
+    timed = []
+    monkeypatch.setattr(launch, "scaled_mm_supported", lambda a, b, out_dtype: True)
+    monkeypatch.setattr(launch, "time_cuda", lambda fn, iters=10: timed.append(fn.__name__) or timings[fn.__name__])
+    monkeypatch.setattr(dispatch, "_FP8_CHOICE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(dispatch, "FP8_GEMM", "auto")
+    x = torch.zeros(3, 64)
+    w = torch.zeros(32, 64)
+    assert dispatch._fp8_backend(x, None, w, None, None, torch.bfloat16, fused=True) == "scaled_mm"
+    assert dispatch._fp8_backend(x, None, w, None, None, torch.bfloat16, fused=True) == "scaled_mm"
+    assert timed == ["run_triton", "run_cublas"]
+    timings["run_triton"] = 0.5  # unfused decode rows of the same shape are a separate choice
+    assert dispatch._fp8_backend(x, None, w, None, None, torch.bfloat16) == "triton"
+    assert dispatch.fp8_choices() == {(4, 32, 64, False, True): "scaled_mm", (4, 32, 64, False, False): "triton"}
+    monkeypatch.setattr(dispatch, "FP8_GEMM", "triton")
+    assert dispatch._fp8_backend(x, None, w, None, None, torch.bfloat16, fused=True) == "triton"
+
+
+def test_prologue_quant_choice():
+    assert dispatch.prologue_quant(1, "int8", "token", None)
+    assert dispatch.prologue_quant(launch.DECODE_MAX_M, "fp8_e4m3", "token", None)
+    assert not dispatch.prologue_quant(launch.DECODE_MAX_M + 1, "int8", "token", None)
+    assert not dispatch.prologue_quant(4, "int8", "tensor", None)  # one scale for the whole call
+    assert not dispatch.prologue_quant(4, "int8", "token", torch.tensor(0.1))  # static scale
+    assert not dispatch.prologue_quant(0, "int8", "token", None)
+    assert not dispatch.prologue_quant(4, "none", "token", None)
+
+
+# ------------------------------------------------------------------------------------------ CUDA, new paths
+
+
+@pytest.mark.parametrize("weights", ["int4", "int4_asym", "nvfp4"])
+def test_cuda_prefill_dequant(cuda, weights):
+    n, k = 4096 + 48, 4096 + 64
+    w = make_w(n, k, device=cuda)
+    wargs, w_deq = _weight_args(weights, w)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = make_x(300, k, dtype, seed=31, device=cuda)
+        bias = torch.randn(n, device=cuda).to(dtype)
+        op, rest = ("nvfp4_linear", ("none", "block")) if weights == "nvfp4" else ("int4_linear", ("none", "tensor"))
+        args = (x, *wargs, bias, None, *rest)
+        assert "dequantize kernel" in dispatch.plan(op, *args)
+        # INT: each weight rounded once to the activation dtype; NVFP4: exact buffer
+        rounding = 0.0 if weights == "nvfp4" else _EPS[dtype] / 2
+        assert_matches(getattr(dispatch, op)(*args), getattr(ref, op)(*args), x, w_deq, bias,
+                       weight_rounding=rounding)
+        if weights != "nvfp4":
+            packed, scale, zp, group = wargs[:4]
+            got = dequant.dequantize_w4(packed, scale, zp, group, False, k, dtype)
+            assert _same_bits(got, w_deq.to(dtype))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_cuda_prologue_quant(cuda, fmt):
+    if fmt == "fp8_e4m3" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9 or newer")
+    n, k = 4096, 4096 + 64
+    w = make_w(n, k, device=cuda)
+    t = numerics.quantize_int8(w, "channel") if fmt == "int8" else numerics.quantize_fp8(w, "channel")
+    bias = torch.randn(n, device=cuda)
+    for m in (1, 16):
+        x = make_x(m, k, torch.bfloat16, seed=m, device=cuda)
+        a, sa = launch.quantize_rows(x, fmt)
+        cfg = launch.Cfg(16, 64, 128, 1, 1)  # no split-K: float atomics would reorder the sums
+        two = launch.w8_gemm(a, sa, t.q, t.scale, 0, bias, x.dtype, config=cfg)
+        one = launch.w8_gemm(x, None, t.q, t.scale, 0, bias, x.dtype, config=cfg, quant_a=True)
+        assert _same_bits(one, two)
+        tuned = launch.w8_gemm(x, None, t.q, t.scale, 0, bias, x.dtype, quant_a=True)
+        assert_matches(tuned, ref.int8_linear(x, t.q, t.scale, bias, None, "int8", "token") if fmt == "int8" else
+                       ref.fp8_linear(x, t.q, t.scale, 0, bias, None, "fp8_e4m3", "token"),
+                       ref.quantize_input(x, fmt, "token", None),
+                       (numerics.dequantize_int8 if fmt == "int8" else numerics.dequantize_fp8)(t), bias)
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_cuda_scaled_mm_rowwise(cuda, m, monkeypatch):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("row-wise torch._scaled_mm needs sm_90")
+    monkeypatch.setattr(dispatch, "FP8_GEMM", "scaled_mm")
+    n, k = 4096, 4096
+    w = make_w(n, k, device=cuda)
+    t = numerics.quantize_fp8(w, "channel")
+    x = make_x(m, k, torch.bfloat16, seed=m, device=cuda)
+    bias = torch.randn(n, device=cuda).bfloat16()
+    args = (x, t.q, t.scale, 0, bias, None, "fp8_e4m3", "token")
+    # the bf16 result of _scaled_mm and then the bias: two roundings of the output
+    assert_matches(dispatch.fp8_linear(*args), ref.fp8_linear(*args), ref.quantize_input(x, "fp8_e4m3", "token", None),
+                   numerics.dequantize_fp8(t), bias, weight_rounding=2.0**-8)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_cuda_tinygemm(cuda, sym, monkeypatch):
+    if not dequant.tinygemm_available():
+        pytest.skip("this torch has no torch._weight_int4pack_mm")
+    monkeypatch.setattr(dequant, "INT4_BACKEND", "tinygemm")
+    n, k = 4096, 4096
+    t = numerics.quantize_int4(make_w(n, k, device=cuda), 128, symmetric=sym)
+    dequant._TINYGEMM.clear()
+    for m in (1, 16):
+        x = make_x(m, k, torch.bfloat16, seed=m, device=cuda)
+        args = (x, t.packed, t.scale, t.zero_point, 128, 4, k, None, None, "none", "tensor")
+        assert "tinygemm" in dispatch.plan("int4_linear", *args)
+        out = dispatch.int4_linear(*args)
+        # bf16 scales and zeros: not bit-exact, a relative weight error of a few bf16 ulps
+        assert_matches(out, ref.int4_linear(*args), x, numerics.dequantize_int4(t), weight_rounding=2.0**-6)
+    assert len(dequant._TINYGEMM) == 1  # repacked once for both calls

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 from torch import Tensor
 
 from qcompile import numerics
 from qcompile.lowering import torch_reference as ref
-from qcompile.lowering.triton import launch
+from qcompile.lowering.triton import dequant, launch
 
 CHECK_FINITE = os.environ.get("QCOMPILE_CHECK_FINITE", "") == "1"
 # FP8 x FP8 GEMM with per-tensor/per-channel scales: "auto" (time both once per shape), "triton" or "scaled_mm".
@@ -71,6 +72,10 @@ def _input_ok(fmt: str, granularity: str, input_scale: Tensor | None, allowed: t
     return fmt == "nvfp4" or granularity in ("token", "tensor")
 
 
+def _m_rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
 def _w8_tile_fits(block: int, a_is_float: bool) -> bool:
     return bool(launch._fit_configs(launch.W8_PREFILL + launch.W8_DECODE,
                                     min_half_k=8 if a_is_float else 16, k_divides=block))
@@ -86,6 +91,8 @@ def _int8_path(x, weight, weight_scale, bias, input_scale, input_format, input_g
         return None
     if not _device_ok(x, (weight, weight_scale, bias, input_scale), (8, 0)):
         return None
+    if prologue_quant(_m_rows(x), input_format, input_granularity, input_scale):
+        return "triton: INT8 GEMM quantizing the activations per token in its prologue (one kernel, decode)"
     if input_format == "int8":
         return f"triton: fused INT8 {input_granularity} activation quantization + INT8 GEMM (int32 accumulation)"
     return "triton: INT8 weight-only GEMM (weight upcast in registers)"
@@ -111,6 +118,9 @@ def _fp8_path(x, weight, weight_scale, block_size, bias, input_scale, input_form
         scales = f"{block_size}x{block_size} block"
     else:
         scales = "tensor" if weight_scale.numel() == 1 else "channel"
+    if prologue_quant(_m_rows(x), input_format, input_granularity, input_scale):
+        return (f"triton: FP8 GEMM quantizing the activations per token in its prologue (one kernel, decode; "
+                f"{scales} weight scales)")
     if input_format == "fp8_e4m3":
         return f"triton: fused FP8 {input_granularity} activation quantization + FP8 GEMM ({scales} weight scales)"
     return f"triton: FP8 weight-only GEMM ({scales} weight scales, weight upcast in registers)"
@@ -142,7 +152,8 @@ def _int4_path(
         return f"triton: {kind}, NVFP4 activations EMULATED (fused quantize-dequantize) + weight-only GEMM"
     if quantized_a:
         return f"triton: {kind}, fused {input_format} activation quantization + GEMM"
-    return f"triton: {kind} weight-only GEMM/GEMV (in-kernel dequantization)"
+    torch_path = _w4_torch_plan(x, packed, scale, zero_point, group_size, None)
+    return f"triton: {kind} weight-only {torch_path or 'GEMM/GEMV (in-kernel dequantization)'}"
 
 
 def _nvfp4_path(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity):
@@ -162,7 +173,18 @@ def _nvfp4_path(x, packed, block_scale, global_scale, in_features, bias, input_s
     if input_format == "nvfp4":
         return ("triton: NVFP4 x NVFP4 EMULATED: fused NVFP4 quantize-dequantize of the activations "
                 "+ NVFP4 weight-only GEMM (no FP4 tensor cores)")
-    return "triton: NVFP4 weight-only GEMM/GEMV (in-kernel dequantization)"
+    torch_path = _w4_torch_plan(x, packed, block_scale, None, 16, global_scale)
+    return f"triton: NVFP4 weight-only {torch_path or 'GEMM/GEMV (in-kernel dequantization)'}"
+
+
+def _w4_torch_plan(x, packed, scale, zero_point, group_size, global_scale) -> str | None:
+    """How `launch.w4_gemm` hands a weight-only product to PyTorch's GEMMs (dequant.py), or None."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if dequant.tinygemm_applies(x2, False, packed, zero_point, group_size, global_scale is not None):
+        return "torch._weight_int4pack_mm (tinygemm, bf16 scales: not bit-exact)"
+    if dequant.prefill_alpha(x2.shape[0], x.dtype, False, scale, zero_point, global_scale) is not None:
+        return f"prefill: dequantize kernel to {str(x.dtype).removeprefix('torch.')} + torch.addmm (cuBLAS)"
+    return None
 
 
 _PATHS = {"int8_linear": _int8_path, "fp8_linear": _fp8_path, "int4_linear": _int4_path, "nvfp4_linear": _nvfp4_path}
@@ -177,8 +199,22 @@ def plan(op: str, *args, **kwargs) -> str:
 
 
 def _rows(x: Tensor) -> Tensor:
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x  # already rows (a reshape costs about a microsecond on the host)
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _unrows(out2: Tensor, x: Tensor, n: int) -> Tensor:
+    """The product's rows back in x's leading shape. Sizes as separate integers: a shape tuple costs twice as
+    much to parse on the host (2.3 us against 1.1 us)."""
+    d = x.dim()
+    if d == 2:
+        return out2
+    if d == 3:  # [batch, tokens, K], a decoder's layers
+        s = x.shape
+        return out2.reshape(s[0], s[1], n)
+    return out2.reshape(*x.shape[:-1], n)
 
 
 def _nonzero(s: Tensor) -> Tensor:
@@ -214,28 +250,42 @@ def quantize_activation(x2: Tensor, fmt: str, granularity: str, input_scale: Ten
     return launch.quantize_rows(x2, fmt, static)
 
 
-def _finish(out2: Tensor, x: Tensor, n: int) -> Tensor:
-    return out2.reshape(*x.shape[:-1], n)
-
-
 def fp8_choices() -> dict[tuple, str]:
-    """The FP8 GEMM backend chosen per (M bucket, N, K, bias) so far (`FP8_GEMM="auto"`)."""
+    """The FP8 GEMM backend chosen per (M bucket, N, K, bias, fused) so far (`FP8_GEMM="auto"`)."""
     return dict(_FP8_CHOICE)
 
 
-def _fp8_backend(a, a_scale, weight, weight_scale, bias, out_dtype) -> str:
+def _fp8_backend(a, a_scale, weight, weight_scale, bias, out_dtype, fused=False) -> str:
+    """"triton" or "scaled_mm" for an FP8 x FP8 product with per-tensor/channel weight scales.
+
+    fused: `a` is the float activation, and the candidates are the GEMM that quantizes it in its prologue
+    against quantize_rows + torch._scaled_mm (row-wise scales), each timed as a whole.
+    """
     if FP8_GEMM == "triton" or not launch.scaled_mm_supported(a, weight, out_dtype):
         return "triton"
     if FP8_GEMM == "scaled_mm":
         return "scaled_mm"
-    key = (launch._m_bucket(a.shape[0]), weight.shape[0], weight.shape[1], bias is not None)
+    key = (launch._m_bucket(a.shape[0]), weight.shape[0], weight.shape[1], bias is not None, fused)
     choice = _FP8_CHOICE.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
             return "triton"
-        t_triton = launch.time_cuda(lambda: launch.w8_gemm(a, a_scale, weight, weight_scale, 0, bias, out_dtype))
+        if fused:
+            def run_triton():
+                return launch.w8_gemm(a, None, weight, weight_scale, 0, bias, out_dtype, quant_a=True)
+
+            def run_cublas():
+                return launch.scaled_mm_fp8(*launch.quantize_rows(a, "fp8_e4m3"), weight, weight_scale, bias,
+                                            out_dtype)
+        else:
+            def run_triton():
+                return launch.w8_gemm(a, a_scale, weight, weight_scale, 0, bias, out_dtype)
+
+            def run_cublas():
+                return launch.scaled_mm_fp8(a, a_scale, weight, weight_scale, bias, out_dtype)
+        t_triton = launch.time_cuda(run_triton)
         try:
-            t_cublas = launch.time_cuda(lambda: launch.scaled_mm_fp8(a, a_scale, weight, weight_scale, bias, out_dtype))
+            t_cublas = launch.time_cuda(run_cublas)
         except RuntimeError:
             t_cublas = math.inf
         choice = "scaled_mm" if t_cublas < t_triton else "triton"
@@ -243,30 +293,260 @@ def _fp8_backend(a, a_scale, weight, weight_scale, bias, out_dtype) -> str:
     return choice
 
 
+def prologue_quant(m: int, input_format: str, input_granularity: str, input_scale) -> bool:
+    """Whether the GEMM quantizes the activation itself: dynamic per-token INT8/FP8 for decode (M <= 16)."""
+    return (input_format in ("int8", "fp8_e4m3") and input_granularity == "token" and input_scale is None
+            and 0 < m <= launch.DECODE_MAX_M)
+
+
+def w8_product(x2, input_format, input_granularity, input_scale, w, weight_scale, block_size, bias, out_dtype):
+    """A 2-D activation times an 8-bit weight, its quantization included: inside the GEMM for decode
+    (`prologue_quant`), else quantize_activation and then the Triton GEMM or, for FP8 with per-tensor/channel
+    weight scales, torch._scaled_mm when `_fp8_backend` prefers it."""
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if prologue_quant(x2.shape[0], input_format, input_granularity, input_scale):
+        if CHECK_FINITE:
+            numerics.check_finite(x2, _WHAT[input_format])
+        if not fp8 or block_size or _fp8_backend(x2, None, w, weight_scale, bias, out_dtype, fused=True) == "triton":
+            return launch.w8_gemm(x2, None, w, weight_scale, block_size, bias, out_dtype, quant_a=True)
+        a, a_scale = launch.quantize_rows(x2, input_format)
+        return launch.scaled_mm_fp8(a, a_scale, w, weight_scale, bias, out_dtype)
+    a, a_scale = quantize_activation(x2, input_format, input_granularity, input_scale)
+    if fp8 and a_scale is not None and not block_size and \
+            _fp8_backend(a, a_scale, w, weight_scale, bias, out_dtype) == "scaled_mm":
+        return launch.scaled_mm_fp8(a, a_scale, w, weight_scale, bias, out_dtype)
+    return launch.w8_gemm(a, a_scale, w, weight_scale, block_size, bias, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ launch plans
+# What a call decides from its arguments' metadata alone (the coverage checks, the prepared weight operands) is
+# decided once per (op, weight tensors, activation dtype/device/K, constant arguments) and kept as a plan: a function
+# of the call's arguments. Inside a plan, each M gets a launch prepared by its first call (`launch.w8_prepare`,
+# `w4_prepare`: configuration, flags, strides, grid, the compiled kernel), so a decode step's call is two dictionary
+# lookups, the output's allocation and the launch. Tensors enter the key by identity, storage address and version:
+# `.data =` or an in-place update makes a new plan, and a plan goes when any of its tensors is freed (so an id
+# reused by a new tensor finds nothing).
+
+PLAN_CACHE = os.environ.get("QCOMPILE_PLAN_CACHE", "1") != "0"
+_PLANS: dict[tuple, object] = {}
+_PLANS_MAX = 4096  # versions bumped by in-place updates leave stale keys behind: forget everything past this
+_plan_builds = 0
+
+
+def clear_plans() -> None:
+    """Forget every launch plan (they are rebuilt on the next calls)."""
+    _PLANS.clear()
+
+
+def plan_stats() -> dict[str, int]:
+    """{"plans": plans held now, "builds": plans built in this process} (for tests and benchmarks)."""
+    return {"plans": len(_PLANS), "builds": _plan_builds}
+
+
+def _tensor_key(t: Tensor | None):
+    if t is None:
+        return None
+    # inference tensors keep no version counter (an in-place update changes no metadata a plan depends on)
+    return (id(t), t.data_ptr(), 0 if t.is_inference() else t._version)
+
+
+def _lookup(key: tuple, tensors: tuple, build):
+    """The plan for `key`, built by `build()` on a miss and kept until one of `tensors` is freed."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        global _plan_builds
+        plan = build()
+        _plan_builds += 1
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+        def forget(_, key=key):
+            _PLANS.pop(key, None)
+
+        # the weak references live as long as the plan (held by it), and drop it when a tensor goes
+        plan.__dict__["_refs"] = [weakref.ref(t, forget) for t in tensors if t is not None]
+    return plan
+
+
+def _x_key(x: Tensor) -> tuple:
+    return (x.dtype, x.device, x.shape[-1] if x.dim() else -1)
+
+
+# A plan holds no tensor (a view would keep its weight alive): it is called with the call's own arguments, which its
+# key guarantees are the tensors it was built for.
+
+
+def _contiguous(t: Tensor | None) -> bool:
+    return t is None or t.is_contiguous()
+
+
+_ENTRIES_MAX = 64  # prepared launches per plan (one per M seen): prefill of many lengths starts over past this
+
+
+def _entry(entries: dict, m: int, build):
+    """The prepared launch for `m` rows: `build()` gives (launch, whether it may be kept) on a miss."""
+    fn = entries.get(m)
+    if fn is None:
+        fn, keep = build()
+        if keep:
+            if len(entries) >= _ENTRIES_MAX:
+                entries.clear()
+            entries[m] = fn
+    return fn
+
+
+def _fp8_decided(a, weight, bias, out_dtype, fused) -> bool:
+    """Whether `_fp8_backend` gives the same answer on every later call (it was not skipped during capture)."""
+    if FP8_GEMM != "auto" or not launch.scaled_mm_supported(a, weight, out_dtype):
+        return True
+    return (launch._m_bucket(a.shape[0]), weight.shape[0], weight.shape[1], bias is not None, fused) in _FP8_CHOICE
+
+
+def _w8_launch(x2, input_format, input_granularity, input_scale, w, weight_scale, block_size, bias, out_dtype):
+    """(launch(x2, w, weight_scale, bias, input_scale), keep) for one M: `w8_product` with its choices (the
+    quantizing prologue, the FP8 backend, the GEMM's configuration) made once."""
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if prologue_quant(x2.shape[0], input_format, input_granularity, input_scale):
+        what = _WHAT[input_format]
+        keep = True
+        if fp8 and not block_size:
+            choice = _fp8_backend(x2, None, w, weight_scale, bias, out_dtype, fused=True)
+            keep = _fp8_decided(x2, w, bias, out_dtype, True)
+        if not fp8 or block_size or choice == "triton":
+            gemm = launch.w8_prepare(x2, None, w, weight_scale, block_size, bias, out_dtype, quant_a=True)
+
+            def run(x2, w, weight_scale, bias, input_scale):
+                if CHECK_FINITE:
+                    numerics.check_finite(x2, what)
+                return gemm(x2, None, w, weight_scale, bias)
+        else:
+            def run(x2, w, weight_scale, bias, input_scale):
+                if CHECK_FINITE:
+                    numerics.check_finite(x2, what)
+                a, a_scale = launch.quantize_rows(x2, input_format)
+                return launch.scaled_mm_fp8(a, a_scale, w, weight_scale, bias, out_dtype)
+        return run, keep
+
+    gemm = None
+
+    def run(x2, w, weight_scale, bias, input_scale):
+        nonlocal gemm
+        a, a_scale = quantize_activation(x2, input_format, input_granularity, input_scale)
+        if fp8 and a_scale is not None and not block_size and \
+                _fp8_backend(a, a_scale, w, weight_scale, bias, out_dtype) == "scaled_mm":
+            return launch.scaled_mm_fp8(a, a_scale, w, weight_scale, bias, out_dtype)
+        if gemm is None:  # the quantized operand's form is known once quantized
+            gemm = launch.w8_prepare(a, a_scale, w, weight_scale, block_size, bias, out_dtype)
+        return gemm(a, a_scale, w, weight_scale, bias)
+
+    return run, True
+
+
+def _w8_plan(input_format, input_granularity, block_size, contiguous, prepared=True):
+    """The 8-bit product of a plan: the launch prepared for the call's M (`_w8_launch`), or without `prepared`
+    (a plan used once: QCOMPILE_PLAN_CACHE=0) `w8_product`, which decides everything on the call."""
+    entries: dict = {}
+
+    def run(x, weight, weight_scale, bias, input_scale):
+        w = weight if contiguous else weight.contiguous()
+        x2 = _rows(x)
+        if not prepared:
+            out = w8_product(x2, input_format, input_granularity, input_scale, w, weight_scale, block_size, bias,
+                             x.dtype)
+            return out.reshape(*x.shape[:-1], w.shape[0])
+        fn = entries.get(x2.shape[0]) or _entry(entries, x2.shape[0], lambda: _w8_launch(
+            x2, input_format, input_granularity, input_scale, w, weight_scale, block_size, bias, x.dtype))
+        return _unrows(fn(x2, w, weight_scale, bias, input_scale), x, w.shape[0])
+
+    return run
+
+
+def _int8_plan(x, weight, weight_scale, bias, input_scale, input_format, input_granularity, prepared=True):
+    if _int8_path(x, weight, weight_scale, bias, input_scale, input_format, input_granularity) is None:
+        return lambda args: ref.int8_linear(*args)
+    run = _w8_plan(input_format, input_granularity, 0, weight.is_contiguous(), prepared)
+    return lambda args: run(*args[:5])
+
+
+def _fp8_plan(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity,
+              prepared=True):
+    if _fp8_path(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity) is None:
+        return lambda args: ref.fp8_linear(*args)
+    run = _w8_plan(input_format, input_granularity, block_size, weight.is_contiguous(), prepared)
+    return lambda args: run(args[0], args[1], args[2], args[4], args[5])
+
+
+def _w4_plan(input_format, input_granularity, group_size, contiguous, prepared=True):
+    """The 4-bit product of a plan: quantize the activation (if its format asks), then the launch prepared for
+    its M (`launch.w4_prepare`), or without `prepared` (a plan used once) `launch.w4_gemm`."""
+    entries: dict = {}
+    unquantized = input_format == "none"
+
+    def run(x, packed, scale, zero_point, global_scale, bias, input_scale):
+        if not contiguous:
+            packed, scale = packed.contiguous(), scale.contiguous()
+            zero_point = zero_point.contiguous() if zero_point is not None else None
+        x2 = _rows(x)
+        if unquantized:
+            a, a_scale = x2, None
+        else:
+            a, a_scale = quantize_activation(x2, input_format, input_granularity, input_scale)
+        if not prepared:
+            gs = global_scale.reshape(1) if global_scale is not None else None
+            out = launch.w4_gemm(a, a_scale, packed, scale, zero_point, group_size, gs, bias, x.dtype)
+            return out.reshape(*x.shape[:-1], packed.shape[0])
+        m = a.shape[0]
+        fn = entries.get(m) or _entry(entries, m, lambda: (launch.w4_prepare(
+            a, a_scale, packed, scale, zero_point, group_size, global_scale, bias, x.dtype), True))
+        return _unrows(fn(a, a_scale, packed, scale, zero_point, global_scale, bias), x, packed.shape[0])
+
+    return run
+
+
+def _int4_plan(x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format,
+               input_granularity, fp8_scale, prepared=True):
+    rest = (packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format,
+            input_granularity)
+    if fp8_scale is not None:  # W4A8's weights rounded through FP8: no Triton kernel for that form yet
+        return lambda args: ref.int4_linear(*args)
+    if _int4_path(x, *rest) is None:
+        return lambda args: ref.int4_linear(*args[:-1])
+    contiguous = _contiguous(packed) and _contiguous(scale) and _contiguous(zero_point)
+    run = _w4_plan(input_format, input_granularity, group_size, contiguous, prepared)
+    return lambda args: run(args[0], args[1], args[2], args[3], None, args[7], args[8])
+
+
+def _nvfp4_plan(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format,
+                input_granularity, prepared=True):
+    rest = (packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity)
+    if _nvfp4_path(x, *rest) is None:
+        return lambda args: ref.nvfp4_linear(*args)
+    contiguous = _contiguous(packed) and _contiguous(block_scale)
+    run = _w4_plan(input_format, input_granularity, 16, contiguous, prepared)
+    # the global scale is one float32 element (checked): the kernels read it by address
+    return lambda args: run(args[0], args[1], args[2], None, args[3], args[5], args[6])
+
+
 # ------------------------------------------------------------------------------------------------ the ops
 
 
 def int8_linear(x, weight, weight_scale, bias, input_scale, input_format, input_granularity):
     args = (x, weight, weight_scale, bias, input_scale, input_format, input_granularity)
-    if _int8_path(*args) is None:
-        return ref.int8_linear(*args)
-    a, a_scale = quantize_activation(_rows(x), input_format, input_granularity, input_scale)
-    out = launch.w8_gemm(a, a_scale, weight.contiguous(), weight_scale, 0, bias, x.dtype)
-    return _finish(out, x, weight.shape[0])
+    if not PLAN_CACHE:
+        return _int8_plan(*args, prepared=False)(args)
+    key = ("int8", *_x_key(x), _tensor_key(weight), _tensor_key(weight_scale), _tensor_key(bias),
+           _tensor_key(input_scale), input_format, input_granularity)
+    return _lookup(key, (weight, weight_scale, bias, input_scale), lambda: _int8_plan(*args))(args)
 
 
 def fp8_linear(x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity):
     args = (x, weight, weight_scale, block_size, bias, input_scale, input_format, input_granularity)
-    if _fp8_path(*args) is None:
-        return ref.fp8_linear(*args)
-    a, a_scale = quantize_activation(_rows(x), input_format, input_granularity, input_scale)
-    w = weight.contiguous()
-    cublas = a_scale is not None and not block_size
-    if cublas and _fp8_backend(a, a_scale, w, weight_scale, bias, x.dtype) == "scaled_mm":
-        out = launch.scaled_mm_fp8(a, a_scale, w, weight_scale, bias, x.dtype)
-    else:
-        out = launch.w8_gemm(a, a_scale, w, weight_scale, block_size, bias, x.dtype)
-    return _finish(out, x, weight.shape[0])
+    if not PLAN_CACHE:
+        return _fp8_plan(*args, prepared=False)(args)
+    key = ("fp8", *_x_key(x), _tensor_key(weight), _tensor_key(weight_scale), block_size, _tensor_key(bias),
+           _tensor_key(input_scale), input_format, input_granularity)
+    return _lookup(key, (weight, weight_scale, bias, input_scale), lambda: _fp8_plan(*args))(args)
 
 
 def int4_linear(
@@ -274,35 +554,37 @@ def int4_linear(
     fp8_scale=None,
 ):
     args = (x, packed, scale, zero_point, group_size, bits, in_features, bias, input_scale, input_format,
-            input_granularity)
-    if fp8_scale is not None:  # W4A8's weights rounded through FP8: no Triton kernel for that form yet
-        return ref.int4_linear(*args, fp8_scale)
-    if _int4_path(*args) is None:
-        return ref.int4_linear(*args)
-    a, a_scale = quantize_activation(_rows(x), input_format, input_granularity, input_scale)
-    zp = zero_point.contiguous() if zero_point is not None else None
-    out = launch.w4_gemm(a, a_scale, packed.contiguous(), scale.contiguous(), zp, group_size, None, bias, x.dtype)
-    return _finish(out, x, packed.shape[0])
+            input_granularity, fp8_scale)
+    if not PLAN_CACHE:
+        return _int4_plan(*args, prepared=False)(args)
+    key = ("int4", *_x_key(x), _tensor_key(packed), _tensor_key(scale), _tensor_key(zero_point), group_size, bits,
+           in_features, _tensor_key(bias), _tensor_key(input_scale), input_format, input_granularity,
+           _tensor_key(fp8_scale))
+    tensors = (packed, scale, zero_point, bias, input_scale, fp8_scale)
+    return _lookup(key, tensors, lambda: _int4_plan(*args))(args)
 
 
 def nvfp4_linear(x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity):
     args = (x, packed, block_scale, global_scale, in_features, bias, input_scale, input_format, input_granularity)
-    if _nvfp4_path(*args) is None:
-        return ref.nvfp4_linear(*args)
-    a, a_scale = quantize_activation(_rows(x), input_format, input_granularity, input_scale)
-    gs = global_scale.reshape(1).float()
-    out = launch.w4_gemm(a, a_scale, packed.contiguous(), block_scale.contiguous(), None, 16, gs, bias, x.dtype)
-    return _finish(out, x, packed.shape[0])
+    if not PLAN_CACHE:
+        return _nvfp4_plan(*args, prepared=False)(args)
+    key = ("nvfp4", *_x_key(x), _tensor_key(packed), _tensor_key(block_scale), _tensor_key(global_scale),
+           in_features, _tensor_key(bias), _tensor_key(input_scale), input_format, input_granularity)
+    tensors = (packed, block_scale, global_scale, bias, input_scale)
+    return _lookup(key, tensors, lambda: _nvfp4_plan(*args))(args)
 
 
 __all__ = [
     "CHECK_FINITE",
     "FP8_GEMM",
+    "PLAN_CACHE",
+    "clear_plans",
     "fp8_choices",
     "fp8_linear",
     "int4_linear",
     "int8_linear",
     "nvfp4_linear",
     "plan",
+    "plan_stats",
     "quantize_activation",
 ]

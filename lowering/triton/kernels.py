@@ -11,7 +11,8 @@ a few on a GPU, and use one fixed configuration under `TRITON_INTERPRET=1`):
   emulated NVFP4 x NVFP4 product feeds to the weight-only GEMM.
 - `w8_gemm_kernel`: GEMM against an 8-bit weight `[N, K]` (INT8 or FP8 E4M3) with per-tensor, per-channel or 2-D
   block weight scales; the activation is either quantized (same 8-bit type, one scale per row, int32 or fp32
-  accumulation) or left in float (the weight is upcast in registers, which is exact).
+  accumulation) or left in float (the weight is upcast in registers, which is exact). With `QUANT_A` it
+  quantizes float activations per row itself (decode), giving the codes of `quant_rows_kernel`.
 - `w4_gemm_kernel`: GEMM/GEMV against a 4-bit weight packed two codes per byte along K: INT4/INT3 in groups
   (symmetric, or asymmetric with zero points) and NVFP4 (E2M1 codes, FP8 block scales of 16, fp32 global scale).
   The weight is dequantized in registers. Integer codes go into the dot product as exact small integers and the
@@ -23,6 +24,9 @@ Numerics follow docs/formats.md exactly: divisions use IEEE round-to-nearest (`d
 FP8 rounding is done on the E4M3 grid in float32 before the (then exact) cast, so the interpreter and the GPU
 give the same bits. A row holding NaN or +-inf gets a NaN scale, so its output row is NaN (the reference raises;
 see `qcompile.lowering.triton.dispatch` for the optional check that does the same).
+
+The weight-only GEMV of decode steps (M <= 4, float activations) is `gemv.w4_gemv_kernel` (CUDA cores) or
+`gemv.w4_gemv_mma_kernel` (tensor cores).
 
 Both GEMM kernels support split-K (`SPLIT_K > 1`): the programs of one output tile add float32 partial results
 into a zeroed float32 buffer with atomics; the decode (M <= 16) configurations use it to spread a GEMV over enough
@@ -208,6 +212,22 @@ def _epilogue(
 
 
 @triton.jit
+def _quantize_values(x, s, qmax, IS_FP8: tl.constexpr):
+    """float32 `x / s` (correctly rounded), clamped to +-qmax and rounded onto the INT8 / E4M3 grid, as float32.
+
+    `s` broadcasts against `x`. NaN (a row flagged through its scale) becomes 0 so that the codes stay defined.
+    Shared by `quant_rows_kernel` and the GEMM prologue, so that both give the same codes bit for bit.
+    """
+    v = tl.math.div_rn(x, tl.zeros_like(x) + s)
+    v = tl.minimum(tl.maximum(v, -qmax), qmax)
+    v = tl.where(v == v, v, 0.0)
+    if IS_FP8:
+        return _fp8_e4m3_round(v)
+    else:
+        return _round_half_even(v)
+
+
+@triton.jit
 def quant_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_ptr, K, stride_xm, stride_qm,
     IS_FP8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
@@ -237,13 +257,11 @@ def quant_rows_kernel(
         x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
         if STATIC:
             nbad += _nonfinite(x).to(tl.int32)
-        v = tl.math.div_rn(x, tl.zeros_like(x) + s)
-        v = tl.minimum(tl.maximum(v, -qmax), qmax)
-        v = tl.where(v == v, v, 0.0)  # NaN rows are flagged through their scale; keep the codes defined
+        v = _quantize_values(x, s, qmax, IS_FP8)
         if IS_FP8:
-            q = _fp8_e4m3_round(v).to(q_ptr.dtype.element_ty)
+            q = v.to(q_ptr.dtype.element_ty)
         else:
-            q = _round_half_even(v).to(tl.int32).to(tl.int8)
+            q = v.to(tl.int32).to(tl.int8)
         tl.store(q_row + k0 + offs, q, mask=m)
     bad = tl.sum(nbad, axis=0) > 0
     tl.store(scale_ptr + row, tl.where(bad, _nan_like(s), s))
@@ -300,6 +318,27 @@ def quant_nvfp4_kernel(
 
 
 @triton.jit
+def _row_scales(a_rows, m_mask, K, qmax, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dynamic per-row scales of float A over all of K: (scale to quantize with, scale for the epilogue).
+
+    As `quant_rows_kernel`: amax / qmax with `div_rn`, 0 -> 1.0; a row holding NaN or inf gets a NaN epilogue
+    scale (its codes are then irrelevant but defined).
+    """
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    nbad = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(a_rows + k0 + rk[None, :], mask=m_mask[:, None] & (rk[None, :] < K - k0), other=0.0)
+        x = x.to(tl.float32)
+        nbad += _nonfinite(x).to(tl.int32)
+        amax = tl.maximum(amax, tl.abs(x))
+    row_amax = tl.max(amax, axis=1)
+    s = tl.math.div_rn(row_amax, tl.zeros_like(row_amax) + qmax)
+    s = tl.where(s == 0.0, 1.0, s)
+    return s, tl.where(tl.sum(nbad, axis=1) > 0, _nan_like(s), s)
+
+
+@triton.jit
 def w8_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr,
     M, N, K,
@@ -307,11 +346,15 @@ def w8_gemm_kernel(
     A_FLOAT: tl.constexpr, HAS_A_SCALE: tl.constexpr, B_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_INT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, QUANT_A: tl.constexpr = False,
 ):
     """out[M, N] = (A @ B^T) * a_scale[m] * b_scale[n] (+ bias); B is an INT8 / FP8 weight [N, K].
 
     A_FLOAT: A is fp16/bf16/fp32 and B is upcast to it (exact). Otherwise A has B's 8-bit type.
+    QUANT_A (A_FLOAT False, HAS_A_SCALE False): A is float and is quantized here to B's type with dynamic per-row
+    scales, the codes of `quant_rows_kernel` bit for bit: a prologue finds each row's amax over all of K, each K
+    tile is quantized after its load, and the row scales join the epilogue. For decode, where the separate
+    quantization kernel would cost a launch of its own.
     B_BLOCK == 0: b_scale[n] = b_scale_ptr[n * stride_bsn] (stride 0 for a per-tensor scale), applied in the
     epilogue. B_BLOCK > 0: 2-D block scales b_scale_ptr[(n // B_BLOCK) * stride_bsn + (k // B_BLOCK) * stride_bsk],
     applied to each K tile's partial product (BLOCK_K divides B_BLOCK).
@@ -328,6 +371,12 @@ def w8_gemm_kernel(
 
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
     b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]
+    if QUANT_A:
+        if ACC_INT:
+            qmax = 127.0
+        else:
+            qmax = 448.0
+        s_q, s_epi = _row_scales(a_ptr + rm[:, None].to(tl.int64) * stride_am, m_mask, K, qmax, BLOCK_M, BLOCK_K)
     if ACC_INT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
@@ -337,6 +386,12 @@ def w8_gemm_kernel(
         k_mask = rk < K - k0
         a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if QUANT_A:
+            v = _quantize_values(a.to(tl.float32), s_q[:, None], qmax, not ACC_INT)
+            if ACC_INT:
+                a = v.to(tl.int32).to(tl.int8)
+            else:
+                a = v.to(b.dtype)  # already on the E4M3 grid: exact
         if A_FLOAT:
             b = b.to(a.dtype)
         if B_BLOCK > 0:
@@ -349,6 +404,8 @@ def w8_gemm_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    if QUANT_A:  # the row scale first, as the epilogue would apply a loaded one: the same float32 products
+        acc = acc.to(tl.float32) * s_epi[:, None]
     _epilogue(
         acc, rm, rn, m_mask, n_mask, pid_k,
         a_scale_ptr, stride_as, b_scale_ptr, stride_bsn, b_scale_ptr, bias_ptr, out_ptr, stride_om,
@@ -467,80 +524,4 @@ def w4_gemm_kernel(
         acc, rm, rn, m_mask, n_mask, pid_k,
         a_scale_ptr, stride_as, s_ptr, 0, gs_ptr, bias_ptr, out_ptr, stride_om,
         HAS_A_SCALE, False, IS_NVFP4, HAS_BIAS, SPLIT_K,
-    )
-
-
-# ------------------------------------------------------------------------------------- 4-bit weight-only GEMV
-
-
-@triton.jit
-def w4_gemv_kernel(
-    a_ptr, w_ptr, s_ptr, zp_ptr, gs_ptr, bias_ptr, out_ptr,
-    M, N, K, KP2,
-    stride_am, stride_wn, stride_sn, stride_zn, stride_om,
-    IS_NVFP4: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """out[M, N] = A @ dequant(W)^T for a few rows of float A (M <= BLOCK_M), on the CUDA cores.
-
-    A decode step multiplies one token by each weight once, so the time is the weight stream: each program owns
-    BLOCK_N weight rows (one of SPLIT_K slices of K) and walks them in chunks of BLOCK_KB bytes, contiguous along K
-    so that the loads are wide and coalesced, instead of padding one token to a 16-row tensor-core tile. Both
-    nibbles of a byte are decoded in registers and interleaved back into element order, so that each row of A is
-    read as one contiguous vector; products and sums are float32. INT weights: 2*BLOCK_KB divides GROUP, so a chunk
-    lies in one group and the group scale multiplies the chunk's partial sums. NVFP4: the FP8 block scale (one per
-    8 bytes) multiplies the decoded values; the global scale is applied once at the end.
-
-    Measured on an H200 against a one-row variant that accumulates element-wise and reduces across K once at the
-    end (no join of the nibbles): tuning chose this kernel for every shape, so the variant was dropped.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    rj = tl.arange(0, BLOCK_KB)
-    rk = tl.arange(0, 2 * BLOCK_KB)
-    n_mask = rn < N
-    m_mask = rm < M
-    kt0, kt1 = _split_k_range(pid_k, KP2, BLOCK_KB, SPLIT_K)
-
-    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
-    s_rows = s_ptr + rn[:, None].to(tl.int64) * stride_sn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(kt0, kt1):
-        j = kt * BLOCK_KB + rj  # byte index along the packed rows
-        w_mask = n_mask[:, None] & (j[None, :] < KP2)
-        wb = tl.load(w_rows + j[None, :], mask=w_mask, other=0).to(tl.int32)
-        lo = wb & 0xF
-        hi = (wb >> 4) & 0xF
-        if IS_NVFP4:
-            # one FP8 scale per 8 bytes: load each once, decode, and repeat it over its 8 bytes in registers
-            jb = kt * (BLOCK_KB // 8) + tl.arange(0, BLOCK_KB // 8)
-            bsc = tl.load(s_rows + jb[None, :], mask=n_mask[:, None] & (jb[None, :] < KP2 // 8), other=0)
-            bsc = _fp8_e4m3_bits_to_f32(bsc.to(tl.int32))
-            bsc = tl.reshape(tl.broadcast_to(bsc[:, :, None], (BLOCK_N, BLOCK_KB // 8, 8)), (BLOCK_N, BLOCK_KB))
-            w_e = _e2m1_decode(lo) * bsc
-            w_o = _e2m1_decode(hi) * bsc
-        elif HAS_ZP:
-            zp = tl.load(zp_ptr + rn.to(tl.int64) * stride_zn + (kt * BLOCK_KB * 2) // GROUP, mask=n_mask, other=0)
-            zp = zp.to(tl.float32)
-            w_e = _unsigned_nibble_f32(lo) - zp[:, None]
-            w_o = _unsigned_nibble_f32(hi) - zp[:, None]
-        else:
-            w_e = _signed_nibble_f32(lo)
-            w_o = _signed_nibble_f32(hi)
-        w = tl.reshape(tl.join(w_e, w_o), (BLOCK_N, 2 * BLOCK_KB))  # element order: byte j holds 2j, 2j + 1
-        k = 2 * kt * BLOCK_KB + rk
-        for r in tl.static_range(BLOCK_M):
-            a = tl.load(a_ptr + r * stride_am + k, mask=k < tl.where(r < M, K, 0), other=0.0).to(tl.float32)
-            part = tl.sum(w * a[None, :], axis=1)
-            if not IS_NVFP4:
-                part = part * tl.load(s_ptr + rn.to(tl.int64) * stride_sn + (kt * BLOCK_KB * 2) // GROUP,
-                                      mask=n_mask, other=0.0)
-            acc += tl.where(rm[:, None] == r, part[None, :], 0.0)
-
-    _epilogue(
-        acc, rm, rn, m_mask, n_mask, pid_k,
-        a_ptr, 0, s_ptr, 0, gs_ptr, bias_ptr, out_ptr, stride_om,
-        False, False, IS_NVFP4, HAS_BIAS, SPLIT_K,
     )

@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
 from torch import Tensor
 
-from qcompile.lowering.triton import kernels
+from qcompile.lowering.triton import dequant, gemv, kernels
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_MAX_M = 16  # M up to this runs the decode (GEMV) configurations
@@ -51,6 +52,12 @@ def _m_bucket(m: int) -> int:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """`triton.next_power_of_2` for n >= 1. Host arithmetic on every call stays in
+    plain Python: triton.cdiv and next_power_of_2 are jit-able builtins that cost ~2 us per call on the host."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 # ------------------------------------------------------------------------------------------ configurations
@@ -121,32 +128,56 @@ FP32_PREFILL = (Cfg(64, 64, 32, 1, 8, 4, 3), Cfg(32, 64, 64, 1, 8, 4, 3))
 
 @dataclass(frozen=True)
 class GemvCfg:
-    """A configuration of the CUDA-core weight-only GEMV (`w4_gemv_kernel`), for M <= GEMV_MAX_M."""
+    """A configuration of the weight-only GEMV, for M <= GEMV_MAX_M: on the CUDA cores (`gemv.w4_gemv_kernel`)
+    or, with MMA, on the tensor cores (`gemv.w4_gemv_mma_kernel`).
+
+    Each program covers BLOCK_N weight rows; each iteration of its K loop reads BLOCK_C chunks of 16 bytes (32
+    elements) of every one of those rows. CUDA cores: one chunk per thread when BLOCK_C = 32 * num_warps, so each
+    thread keeps BLOCK_N 16-byte loads in flight. Tensor cores: BLOCK_N = 16 or 32 (MMA row tiles), BLOCK_C =
+    4 * num_warps (a block of 128 elements per warp). One launch, no split-K (grid: N / BLOCK_N programs)."""
 
     BLOCK_N: int
-    BLOCK_KB: int  # bytes of each weight row per step (2 * BLOCK_KB elements)
-    SPLIT_K: int = 1
+    BLOCK_C: int
     num_warps: int = 4
-    num_stages: int = 3
+    MMA: bool = False
+    SPLIT_K: ClassVar[int] = 1  # read by `_gemm`: the GEMV writes the output dtype itself
+
+    @property
+    def kernel(self):
+        return gemv.w4_gemv_mma_kernel if self.MMA else gemv.w4_gemv_kernel
 
     def kwargs(self) -> dict:
-        return {"BLOCK_N": self.BLOCK_N, "BLOCK_KB": self.BLOCK_KB, "SPLIT_K": self.SPLIT_K,
-                "num_warps": self.num_warps, "num_stages": self.num_stages, **_COMPILE_OPTIONS}
+        return {"BLOCK_N": self.BLOCK_N, "BLOCK_C": self.BLOCK_C, "num_warps": self.num_warps, "num_stages": 1,
+                **_COMPILE_OPTIONS}
 
 
 GEMV_MAX_M = 4
-# Tried alongside W4_DECODE on the first call of each shape; the fastest of both kernels is kept.
+# Tried alongside W4_DECODE on the first call of each shape; the fastest of both kernels is kept. Rows per program
+# trade loads in flight per thread (and activation reuse) against the number of programs N / BLOCK_N (16 rows
+# take about 250 registers a thread); BLOCK_C below 32 * num_warps puts several rows' chunks side by side for
+# short K.
 W4_GEMV = (
-    GemvCfg(16, 128, 1, 4, 3),
-    GemvCfg(32, 64, 1, 4, 3),
-    GemvCfg(8, 256, 1, 4, 3),
-    GemvCfg(16, 256, 1, 8, 3),
-    GemvCfg(32, 128, 1, 8, 3),
-    GemvCfg(16, 128, 2, 4, 4),
-    GemvCfg(16, 128, 4, 4, 3),
-    GemvCfg(4, 256, 2, 2, 4),
+    GemvCfg(8, 128, 4),
+    GemvCfg(4, 128, 4),
+    GemvCfg(8, 256, 8),
+    GemvCfg(4, 256, 8),
+    GemvCfg(4, 64, 2),
+    GemvCfg(8, 64, 2),
+    GemvCfg(2, 128, 4),
+    GemvCfg(8, 32, 4),
 )
-INTERPRET_GEMV = GemvCfg(8, 16, 2)
+INTERPRET_GEMV = GemvCfg(4, 4, 1)
+# The tensor-core GEMV (fp16/bf16 activations, INT groups a multiple of 128 or NVFP4, K a multiple of 8), tried
+# before the CUDA-core one: about 2.2 SASS instructions per INT4 weight and 3.6 per NVFP4 weight against 3.7 and 5.5
+# (docs/gpu.md). Two row tiles of 16 share each activation load; the warps of a program split K.
+W4_GEMV_MMA = (
+    GemvCfg(32, 16, 4, True),
+    GemvCfg(32, 32, 8, True),
+    GemvCfg(32, 8, 2, True),
+    GemvCfg(32, 64, 16, True),
+    GemvCfg(16, 32, 8, True),  # one row tile: twice the programs for small N, at 2.7 (INT4) and 4.1 (NVFP4)
+)
+INTERPRET_GEMV_MMA = GemvCfg(32, 4, 1, True)
 
 # One small configuration per kernel family for the CPU interpreter (its speed hardly depends on tile sizes);
 # decode uses split-K so that the atomic path is exercised as well.
@@ -280,7 +311,7 @@ def _gemm(kernel, key, configs, config, m, n, out_dtype, device, pointers, ints,
         else:
             buf = torch.empty((m, n), dtype=out_dtype, device=device)
         if isinstance(cfg, Cfg):
-            grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K)
+            grid = (ceil_div(m, cfg.BLOCK_M) * ceil_div(n, cfg.BLOCK_N), cfg.SPLIT_K)
             kernel[grid](*pointers, buf, *ints, *strides, buf.stride(0), **flags, **cfg.kwargs())
         else:
             launch_other(cfg, buf)
@@ -309,7 +340,7 @@ def quantize_rows(x: Tensor, fmt: str, static_scale: Tensor | None = None) -> tu
         return q, scale
     static = static_scale is not None
     sp = static_scale.reshape(1).to(device=x.device, dtype=torch.float32) if static else scale
-    block = min(4096, max(16, triton.next_power_of_2(k)))
+    block = min(4096, max(16, next_pow2(k)))
     kernels.quant_rows_kernel[(m,)](
         x, q, scale, sp, k, x.stride(0), q.stride(0),
         IS_FP8=is_fp8, STATIC=static, BLOCK=block, num_warps=4 if block <= 1024 else 8, **_COMPILE_OPTIONS,
@@ -326,7 +357,7 @@ def quantize_nvfp4(x: Tensor, global_scale: Tensor, packed: bool = True, out_dty
     """
     assert x.dim() == 2 and x.stride(-1) == 1
     m, k = x.shape
-    nblk = triton.cdiv(k, 16)
+    nblk = ceil_div(k, 16)
     gs = global_scale.reshape(1).to(device=x.device, dtype=torch.float32)
     if packed:
         out = torch.empty((m, nblk * 8), dtype=torch.uint8, device=x.device)
@@ -337,8 +368,8 @@ def quantize_nvfp4(x: Tensor, global_scale: Tensor, packed: bool = True, out_dty
         bscale, stride_s = out, 0
     if m == 0 or k == 0:
         return (out, bscale) if packed else out
-    blocks = min(64, triton.next_power_of_2(nblk))
-    grid = (m, triton.cdiv(nblk, blocks))
+    blocks = min(64, next_pow2(nblk))
+    grid = (m, ceil_div(nblk, blocks))
     kernels.quant_nvfp4_kernel[grid](
         x, out, bscale.view(torch.uint8) if packed else bscale, gs, k, nblk, x.stride(0), out.stride(0), stride_s,
         PACKED=packed, BLOCKS=blocks, num_warps=4, **_COMPILE_OPTIONS,
@@ -358,21 +389,25 @@ def w8_gemm(
     bias: Tensor | None,
     out_dtype: torch.dtype,
     config: Cfg | None = None,
+    quant_a: bool = False,
 ) -> Tensor:
     """`a [M, K]` (float, or b's 8-bit type with `a_scale` [M] or [1]) times 8-bit `b [N, K]`^T, scaled, + bias.
 
     b_scale: one element (per tensor), N elements (per output channel), or `[ceil(N/bs), ceil(K/bs)]` block scales
-    when `b_block = bs > 0`.
+    when `b_block = bs > 0`. quant_a: float `a` (no `a_scale`) is quantized to b's type with dynamic per-row
+    scales inside the GEMM (as `quantize_rows(a, ...)` would, bit for bit): one kernel instead of two, for decode.
     """
     m, k = a.shape
     n = b.shape[0]
+    if quant_a and (a_scale is not None or a.dtype not in FLOAT_DTYPES):
+        raise ValueError("quant_a takes float activations without a scale")
     if m == 0 or n == 0 or k == 0:
         return _empty_product(m, n, bias, out_dtype, a.device)
-    a_float = a.dtype in FLOAT_DTYPES
+    a_float = a.dtype in FLOAT_DTYPES and not quant_a
     phase = "decode" if m <= DECODE_MAX_M else "prefill"
     # K tiles of 8-bit operands hold at least 32 elements (tensor-core minimum); block scales need BLOCK_K | block.
     min_half, divides = (8 if a_float else 16), (b_block or None)
-    configs, interpret_cfg = _plan("w8", a.dtype == torch.float32, phase, min_half, divides)
+    configs, interpret_cfg = _plan("w8", a.dtype == torch.float32 and a_float, phase, min_half, divides)
     config = _resolve(config, configs, interpret_cfg, min_half, divides)
     if b_block:
         stride_bsn, stride_bsk = b_scale.stride(0), b_scale.stride(1)
@@ -382,7 +417,9 @@ def w8_gemm(
     has_as = a_scale is not None
     flags = dict(
         A_FLOAT=a_float, HAS_A_SCALE=has_as, B_BLOCK=b_block, HAS_BIAS=bias is not None,
-        ACC_INT=a.dtype == torch.int8, DOT_PRECISION=_dot_precision(a.dtype),
+        ACC_INT=(b if quant_a else a).dtype == torch.int8,
+        DOT_PRECISION=_dot_precision(b.dtype if quant_a else a.dtype),
+        QUANT_A=quant_a,
     )
     stride_as = 0 if not has_as or a_scale.numel() == 1 else 1
     key = ("w8", phase, _m_bucket(m), n, k, a.dtype, b.dtype, out_dtype, a.device.index, stride_bsn,
@@ -418,12 +455,20 @@ def w4_gemm(
     INT4/INT3 (global_scale None): `scale` float32 `[N, Kp/group_size]`, `zero_point` uint8 or None. NVFP4
     (global_scale given): `scale` float8_e4m3fn block scales `[N, Kp/16]`. `a` is float (fp16/bf16/fp32), or
     INT8 / FP8 with `a_scale` ([M] or one element) for INT weights.
+    Without `config`, products that PyTorch's GEMMs run faster leave first (`dequant.py`): fp16/bf16 prefill
+    (M >= dequant.PREFILL_DEQUANT_MIN_M) as dequantize + cuBLAS, and the opt-in tinygemm path.
     """
     m, k = a.shape
     n, kp2 = packed.shape
     if m == 0 or n == 0 or k == 0:
         return _empty_product(m, n, bias, out_dtype, a.device)
     is_nvfp4 = global_scale is not None
+    if config is None:  # PyTorch's GEMMs where they win (dequant.py); an explicit config asks for this kernel
+        if dequant.tinygemm_applies(a, a_scale is not None, packed, zero_point, group_size, is_nvfp4):
+            return dequant.tinygemm_mm(a, packed, scale, zero_point, group_size, bias, out_dtype)
+        alpha = dequant.prefill_alpha(m, a.dtype, a_scale is not None, scale, zero_point, global_scale)
+        if alpha is not None:
+            return dequant.prefill_gemm(a, packed, scale, zero_point, group_size, is_nvfp4, alpha, bias, out_dtype)
     a_kind = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(a.dtype, 0)
     group = 16 if is_nvfp4 else group_size
     after_dot = not is_nvfp4 and w4_after_dot(group, a.dtype)
@@ -432,15 +477,19 @@ def w4_gemm(
     phase = "decode" if m <= DECODE_MAX_M else "prefill"
     min_half, divides = (16 if a_kind else 8), (group if after_dot else None)
     configs, interpret_cfg = _plan("w4", a.dtype == torch.float32, phase, min_half, divides)
-    gemv_configs = _gemv_configs(m, group, is_nvfp4) if a_scale is None else ()
-    if isinstance(config, GemvCfg) and not (gemv_configs and (is_nvfp4 or group % (2 * config.BLOCK_KB) == 0)):
-        raise ValueError(f"{config} needs float activations without a scale, at most {GEMV_MAX_M} rows, and "
-                         f"chunks of 2*BLOCK_KB elements inside a group ({group})")
+    gemv_configs = (_gemv_configs(m, group, is_nvfp4, _gemv_mma(a, group, is_nvfp4))
+                    if a_scale is None and _gemv_words(packed) else ())
+    if isinstance(config, GemvCfg) and not gemv_configs:
+        raise ValueError(f"{config} needs float activations without a scale, at most {GEMV_MAX_M} rows, INT groups "
+                         f"of a multiple of 32 (here {group}) and packed rows of a multiple of 16 bytes (here {kp2})")
+    if isinstance(config, GemvCfg) and config.MMA and not _gemv_mma(a, group, is_nvfp4):
+        raise ValueError(f"{config} needs fp16/bf16 activations, K a multiple of 8 and INT groups of a multiple of "
+                         f"128 (here {group})")
     if gemv_configs and not isinstance(config, Cfg):
         # few rows of float A: the GEMV competes with the tile kernel's decode configurations when tuning
         configs = gemv_configs + configs
         if config is None and interpreting():
-            config = gemv_configs[-1]  # the interpreter's configuration (split-K, several chunks per row)
+            config = gemv_configs[0]  # the interpreter's configuration
     else:
         config = _resolve(config, configs, interpret_cfg, min_half, divides)
     has_as = a_scale is not None
@@ -456,13 +505,14 @@ def w4_gemm(
     bias_arg = bias if bias is not None else a
     key = ("w4", phase, _m_bucket(m), n, k, a.dtype, out_dtype, a.device.index, *flags.values())
     gemv_flags = dict(IS_NVFP4=is_nvfp4, HAS_ZP=zero_point is not None, GROUP=group, HAS_BIAS=bias is not None,
-                      BLOCK_M=triton.next_power_of_2(m))
+                      BLOCK_M=next_pow2(m))
 
     def launch_gemv(cfg: GemvCfg, buf: Tensor) -> None:
-        grid = (triton.cdiv(n, cfg.BLOCK_N), cfg.SPLIT_K)
-        kernels.w4_gemv_kernel[grid](
-            a, packed, scale, zp, gs, bias_arg, buf, m, n, k, kp2,
-            a.stride(0), packed.stride(0), scale.stride(0), zp.stride(0), buf.stride(0),
+        words = packed.view(torch.int32)  # 8 codes per word; _gemv_words checked that the view exists
+        bits = -1912566272 if is_nvfp4 else 0x7F800000  # the kernel's shared bit mask (gemv.py)
+        cfg.kernel[(ceil_div(n, cfg.BLOCK_N),)](
+            _gemv_a(cfg, a), words, scale, zp, gs, bias_arg, buf, m, n, k, kp2 // 4, bits,
+            a.stride(0), words.stride(0), scale.stride(0), zp.stride(0), buf.stride(0),
             **gemv_flags, **cfg.kwargs(),
         )
 
@@ -474,26 +524,277 @@ def w4_gemm(
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _gemv_configs(m: int, group: int, is_nvfp4: bool) -> tuple[GemvCfg, ...]:
-    """The GEMV configurations for float activations with m rows: chunks inside one INT group (2*BLOCK_KB
-    divides it) or whole NVFP4 blocks (BLOCK_KB a multiple of 8 bytes); empty when M is too large or none fits.
+def _gemv_words(packed: Tensor) -> bool:
+    """Whether the GEMV can read `packed` as int32 words in whole 16-byte chunks per row."""
+    return (packed.stride(-1) == 1 and packed.shape[-1] % 16 == 0 and packed.stride(0) % 4 == 0
+            and packed.storage_offset() % 4 == 0)
 
-    The kernel shares each decoded weight tile among the m rows, so the tile shape does not depend on m."""
-    if m > GEMV_MAX_M:
+
+@functools.lru_cache(maxsize=None)
+def _gemv_configs(m: int, group: int, is_nvfp4: bool, mma: bool = False) -> tuple[GemvCfg, ...]:
+    """The GEMV configurations for float activations with m rows; empty when M is too large or an INT group is
+    not a multiple of 32 (the kernel scales each 32-element chunk by one group scale). mma: the tensor-core GEMV
+    applies too (`_gemv_mma`); its configurations come first, and the interpreter runs it.
+
+    The kernels share each decoded weight among the m rows, so the configuration does not depend on m."""
+    if m > GEMV_MAX_M or (not is_nvfp4 and group % 32):
         return ()
-    out = []
-    for c in (INTERPRET_GEMV,) if interpreting() else W4_GEMV:
-        kb, bn = c.BLOCK_KB, c.BLOCK_N
-        if not is_nvfp4:
-            while kb >= 16 and group % (2 * kb):
-                kb, bn = kb // 2, bn * 2  # same bytes per step: wide loads stay wide
-            if kb < 16:
-                continue
-        fitted = dataclasses.replace(c, BLOCK_KB=kb, BLOCK_N=bn)
-        if fitted not in out:
-            out.append(fitted)
-    return tuple(out)
+    if interpreting():
+        return (INTERPRET_GEMV_MMA,) if mma else (INTERPRET_GEMV,)
+    return W4_GEMV_MMA + W4_GEMV if mma else W4_GEMV
+
+
+def _gemv_mma(a: Tensor, group: int, is_nvfp4: bool) -> bool:
+    """Whether the tensor-core GEMV applies: fp16/bf16 activations read as 4-byte words (an even row stride and
+    K a multiple of 8), and INT groups a multiple of its 128-element blocks."""
+    return (a.dtype in (torch.float16, torch.bfloat16) and a.stride(-1) == 1 and a.shape[-1] % 8 == 0
+            and (a.stride(0) % 2 == 0 or a.shape[0] == 1) and (is_nvfp4 or group % 128 == 0)
+            and (not a.is_cuda or a.data_ptr() % 4 == 0))
+
+
+def _gemv_a(cfg: GemvCfg, a: Tensor) -> Tensor:
+    """The activation as the GEMV reads it: the tensor-core kernel reads 4-byte words, so a later call's activation
+    that lost that alignment is copied (a plan keeps the configuration chosen for the first call)."""
+    if cfg.MMA and a.is_cuda and (a.data_ptr() % 4 or (a.stride(0) % 2 and a.shape[0] > 1)):
+        return a.contiguous() if not a.is_contiguous() else a.clone()
+    return a
+
+
+# ------------------------------------------------------------------------------------------ prepared launches
+# A decode step calls every layer with the same weights and the same M, so everything a launch derives from the
+# weight, the activation's dtype/device, K, N and M (configuration, grid, flags, strides, the kernel itself) is
+# derived once: `w8_prepare` / `w4_prepare` take the first call's operands and return a function of the call's
+# tensors that allocates the output and launches. The dispatch plans (`dispatch.py`) keep one per M.
+
+DIRECT_LAUNCH = True  # call the compiled kernel directly once Triton has bound it (see _KernelCall)
+
+
+class _KernelCall:
+    """`kernel[grid](*args, **kwargs)` with the grid and keyword arguments (constexprs, options) fixed.
+
+    On CUDA the first launch goes through Triton's `JITFunction.run` (argument binding, specialization, the cache
+    of compiled kernels); it returns the `CompiledKernel`, whose launcher later calls use directly, with the
+    arguments `run` itself would pass after its lookup, as long as:
+    - the per-call arguments specialize as at that first launch. The caller passes that as `guard`: Triton
+      specializes pointers on 16-byte alignment and integers on being 1 or a multiple of 16, and the caller knows
+      which of its arguments can change between calls (None: never launch directly);
+    - the current device is the one the kernel was loaded on (the stream is that device's current stream, read
+      per call, so CUDA-graph capture records the launch as `run` would);
+    - no launch hook is installed (profilers get `run`'s launch metadata).
+    Anything else takes `kernel[grid](...)`, which is always correct.
+    """
+
+    __slots__ = ("kernel", "grid", "kwargs", "compiled", "guard", "tail", "g", "device")
+
+    def __init__(self, kernel, grid: tuple, kwargs: dict):
+        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+        self.g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.compiled = self.guard = self.tail = self.device = None
+
+    def __call__(self, guard, *args) -> None:
+        c = self.compiled
+        if c is not None and guard == self.guard and _hookless():
+            device = torch._C._cuda_getDevice()
+            if device == self.device:
+                c.run(*self.g, torch._C._cuda_getCurrentRawStream(device), c.function, c.packed_metadata, None,
+                      None, None, *args, *self.tail)
+                return
+        compiled = self.kernel[self.grid](*args, **self.kwargs)
+        if c is None and DIRECT_LAUNCH and guard is not None and _direct_ok(compiled):
+            params = self.kernel.params
+            # the bound values after the positional ones, in parameter order (defaults included): what
+            # JITFunction.run hands the launcher
+            self.tail = tuple(self.kwargs[p.name] if p.name in self.kwargs else p.default for p in params[len(args):])
+            self.device = torch._C._cuda_getDevice()
+            self.compiled, self.guard = compiled, guard
+
+
+def _direct_ok(compiled) -> bool:
+    """Whether a launch returned a compiled kernel whose launcher can be called directly (not the interpreter)."""
+    return all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
+
+
+try:
+    from triton import knobs as _knobs
+
+    _hooks = _knobs.runtime
+except ImportError:  # an older Triton: no direct launches
+    DIRECT_LAUNCH, _hooks = False, None
+
+
+def _hookless() -> bool:
+    """Whether no launch hook is installed (Triton keeps them as possibly empty chains, or None, or a function)."""
+    enter, leave = _hooks.launch_enter_hook, _hooks.launch_exit_hook
+    return (enter is None or not getattr(enter, "calls", True)) and (leave is None or not getattr(leave, "calls", True))
+
+
+def _a_guard(a: Tensor):
+    """How the activation specializes a kernel (it is the one operand that changes between a plan's calls; the
+    output and quantized operands are new allocations, aligned), or None off CUDA (no direct launch)."""
+    return (a.data_ptr() & 15, a.stride(0)) if a.is_cuda else None
+
+
+class _TileLaunch:
+    """A tile kernel's launch for one (weight, dtype, M): the configuration once known (fixed, or tuned by the
+    first call through the general launcher), and then the output allocation and the launch."""
+
+    __slots__ = ("key", "m", "n", "out_dtype", "device", "kernel", "flags", "cfg", "split", "call", "launch_other")
+
+    def __init__(self, kernel, key, cfg, m, n, out_dtype, device, flags, launch_other=None):
+        self.kernel, self.key, self.m, self.n = kernel, key, m, n
+        self.out_dtype, self.device, self.flags, self.launch_other = out_dtype, device, flags, launch_other
+        self.cfg = self.call = None
+        if cfg is not None:
+            self._set(cfg)
+
+    def _set(self, cfg) -> None:
+        self.cfg, self.split = cfg, cfg.SPLIT_K > 1
+        if isinstance(cfg, Cfg):
+            grid = (ceil_div(self.m, cfg.BLOCK_M) * ceil_div(self.n, cfg.BLOCK_N), cfg.SPLIT_K)
+            self.call = _KernelCall(self.kernel, grid, {**self.flags, **cfg.kwargs()})
+        else:
+            self.call = self.launch_other(cfg)
+
+    def ready(self) -> bool:
+        """Whether the configuration is known (else the caller runs the general launcher, which tunes)."""
+        if self.cfg is None:
+            cfg = _BEST.get(self.key)
+            if cfg is None:
+                return False
+            self._set(cfg)
+        return True
+
+    def buffer(self) -> Tensor:
+        if self.split:
+            return torch.zeros((self.m, self.n), dtype=torch.float32, device=self.device)
+        return torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
+
+
+def w8_prepare(a: Tensor, a_scale: Tensor | None, b: Tensor, b_scale: Tensor, b_block: int, bias: Tensor | None,
+               out_dtype: torch.dtype, quant_a: bool = False):
+    """`w8_gemm` for these operands, prepared: a function `(a, a_scale, b, b_scale, bias) -> Tensor` for later
+    calls with tensors of the same shapes, dtypes and device (and the same weight, scales and bias), bit for bit
+    `w8_gemm(a, a_scale, b, b_scale, b_block, bias, out_dtype, quant_a=quant_a)`."""
+
+    def general(a, a_scale, b, b_scale, bias):
+        return w8_gemm(a, a_scale, b, b_scale, b_block, bias, out_dtype, quant_a=quant_a)
+
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0 or k == 0 or (quant_a and (a_scale is not None or a.dtype not in FLOAT_DTYPES)):
+        return general
+    a_float = a.dtype in FLOAT_DTYPES and not quant_a
+    phase = "decode" if m <= DECODE_MAX_M else "prefill"
+    min_half, divides = (8 if a_float else 16), (b_block or None)
+    configs, interpret_cfg = _plan("w8", a.dtype == torch.float32 and a_float, phase, min_half, divides)
+    config = _resolve(None, configs, interpret_cfg, min_half, divides)
+    if b_block:
+        stride_bsn, stride_bsk = b_scale.stride(0), b_scale.stride(1)
+    else:
+        stride_bsn, stride_bsk = (0 if b_scale.numel() == 1 else 1), 0
+    flat_scale = not b_block and not b_scale.is_contiguous()  # else the tensor is its own flat view
+    has_as, has_bias = a_scale is not None, bias is not None
+    flags = dict(
+        A_FLOAT=a_float, HAS_A_SCALE=has_as, B_BLOCK=b_block, HAS_BIAS=has_bias,
+        ACC_INT=(b if quant_a else a).dtype == torch.int8,
+        DOT_PRECISION=_dot_precision(b.dtype if quant_a else a.dtype),
+        QUANT_A=quant_a,
+    )
+    stride_as = 0 if not has_as or a_scale.numel() == 1 else 1
+    stride_bn = b.stride(0)
+    key = ("w8", phase, _m_bucket(m), n, k, a.dtype, b.dtype, out_dtype, a.device.index, stride_bsn,
+           *flags.values())
+    tile = _TileLaunch(kernels.w8_gemm_kernel, key, config, m, n, out_dtype, a.device, flags)
+
+    def run(a, a_scale, b, b_scale, bias):
+        if tile.call is None and not tile.ready():
+            return general(a, a_scale, b, b_scale, bias)
+        if flat_scale:
+            b_scale = b_scale.reshape(-1)
+        buf = tile.buffer()
+        tile.call(_a_guard(a), a, a_scale if has_as else a, b, b_scale, bias if has_bias else b_scale, buf,
+                  m, n, k, a.stride(0), stride_as, stride_bn, stride_bsn, stride_bsk, n)
+        return buf.to(out_dtype) if tile.split else buf
+
+    return run
+
+
+def w4_prepare(a: Tensor, a_scale: Tensor | None, packed: Tensor, scale: Tensor, zero_point: Tensor | None,
+               group_size: int, global_scale: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype):
+    """`w4_gemm` for these operands, prepared: a function `(a, a_scale, packed, scale, zero_point, global_scale,
+    bias) -> Tensor` for later calls with tensors of the same shapes, dtypes and device (and the same weight,
+    scales and bias), bit for bit `w4_gemm(...)` without `config`. Products that leave for PyTorch's GEMMs
+    (prefill, tinygemm) keep the general launcher."""
+
+    def general(a, a_scale, packed, scale, zero_point, global_scale, bias):
+        gs = global_scale.reshape(1) if global_scale is not None else None
+        return w4_gemm(a, a_scale, packed, scale, zero_point, group_size, gs, bias, out_dtype)
+
+    m, k = a.shape
+    n, kp2 = packed.shape
+    is_nvfp4 = global_scale is not None
+    if m == 0 or n == 0 or k == 0 or m >= dequant.PREFILL_DEQUANT_MIN_M:
+        return general  # prefill: the host's share is small, and the dequantize path reads the weight per call
+    if dequant.tinygemm_applies(a, a_scale is not None, packed, zero_point, group_size, is_nvfp4):
+        return general
+    a_kind = {torch.int8: 1, torch.float8_e4m3fn: 2}.get(a.dtype, 0)
+    group = 16 if is_nvfp4 else group_size
+    after_dot = not is_nvfp4 and w4_after_dot(group, a.dtype)
+    if a_kind and (is_nvfp4 or not after_dot):
+        return general  # raises as w4_gemm does
+    phase = "decode" if m <= DECODE_MAX_M else "prefill"
+    min_half, divides = (16 if a_kind else 8), (group if after_dot else None)
+    configs, interpret_cfg = _plan("w4", a.dtype == torch.float32, phase, min_half, divides)
+    gemv_configs = (_gemv_configs(m, group, is_nvfp4, _gemv_mma(a, group, is_nvfp4))
+                    if a_scale is None and _gemv_words(packed) else ())
+    config = (gemv_configs[0] if gemv_configs and interpreting()
+              else _resolve(None, configs, interpret_cfg, min_half, divides))
+    has_as, has_zp, has_bias = a_scale is not None, zero_point is not None, bias is not None
+    flags = dict(
+        IS_NVFP4=is_nvfp4, HAS_ZP=has_zp, GROUP=group, SCALE_AFTER_DOT=after_dot,
+        A_KIND=a_kind, HAS_A_SCALE=has_as, HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(a.dtype),
+    )
+    stride_as = 0 if not has_as or a_scale.numel() == 1 else 1
+    stride_wn, stride_sn = packed.stride(0), scale.stride(0)
+    stride_zn = zero_point.stride(0) if has_zp else stride_wn
+    key = ("w4", phase, _m_bucket(m), n, k, a.dtype, out_dtype, a.device.index, *flags.values())
+    words_stride = packed.stride(0) // 4  # of the int32 view the GEMV reads (_gemv_words checked it exists)
+
+    # the closures below hold no tensor (a plan must not keep its weight alive): only numbers and flags
+    def gemv_launch(cfg: GemvCfg):
+        # the arguments of launch_gemv in w4_gemm, fixed for this product
+        call = _KernelCall(cfg.kernel, (ceil_div(n, cfg.BLOCK_N),), dict(
+            IS_NVFP4=is_nvfp4, HAS_ZP=has_zp, GROUP=group, HAS_BIAS=has_bias, BLOCK_M=next_pow2(m),
+            **cfg.kwargs()))
+        bits = -1912566272 if is_nvfp4 else 0x7F800000  # the kernel's shared bit mask (gemv.py)
+
+        def launch_gemv(a, packed, scale, zp, gs, bias_arg, buf):
+            a = _gemv_a(cfg, a)
+            call(_a_guard(a), a, packed.view(torch.int32), scale, zp, gs, bias_arg, buf, m, n, k, kp2 // 4, bits,
+                 a.stride(0), words_stride, stride_sn, stride_zn, n)
+
+        return launch_gemv
+
+    tile = _TileLaunch(kernels.w4_gemm_kernel, key, config, m, n, out_dtype, a.device, flags,
+                       launch_other=gemv_launch)
+
+    def run(a, a_scale, packed, scale, zero_point, global_scale, bias):
+        if tile.call is None and not tile.ready():
+            return general(a, a_scale, packed, scale, zero_point, global_scale, bias)
+        if is_nvfp4:
+            scale = scale.view(torch.uint8)
+        zp = zero_point if has_zp else packed
+        gs = global_scale if is_nvfp4 else a  # one float32 element: only its address is read
+        bias_arg = bias if has_bias else a
+        buf = tile.buffer()
+        if tile.launch_other is not None and not isinstance(tile.cfg, Cfg):
+            tile.call(a, packed, scale, zp, gs, bias_arg, buf)
+        else:
+            tile.call(_a_guard(a), a, a_scale if has_as else a, packed, scale, zp, gs, bias_arg, buf, m, n, k, kp2,
+                      a.stride(0), stride_as, stride_wn, stride_sn, stride_zn, n)
+        return buf.to(out_dtype) if tile.split else buf
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------ cuBLASLt path
@@ -511,10 +812,13 @@ def scaled_mm_fp8(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, bias: 
 
 
 def scaled_mm_supported(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether `scaled_mm_fp8` can run `a` (FP8, or float about to be quantized to FP8 per row) times FP8 `b`:
+    row-wise scaling (scale_a [M, 1], scale_b [1, N], float32) needs sm_90, bf16 output and N, K multiples of 16."""
     n, k = b.shape
     return (
-        a.is_cuda and a.dtype == torch.float8_e4m3fn and out_dtype == torch.bfloat16
-        and k % 16 == 0 and n % 16 == 0 and capability(a.device.index or 0) >= (9, 0)
+        a.is_cuda and a.dtype in (torch.float8_e4m3fn, *FLOAT_DTYPES) and b.dtype == torch.float8_e4m3fn
+        and out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
+        and capability(a.device.index or 0) >= (9, 0) and hasattr(torch, "_scaled_mm")
     )
 
 
@@ -534,5 +838,7 @@ __all__ = [
     "tuned_configs",
     "w4_after_dot",
     "w4_gemm",
+    "w4_prepare",
     "w8_gemm",
+    "w8_prepare",
 ]
