@@ -295,6 +295,49 @@ def w4_gemv_kernel(
 _EMULATE = tl.constexpr(type(_eight).__name__ == "InterpretedFunction")
 
 
+def _int_pairs_f16(low: int, high: int) -> str:
+    """PTX for fp16 codes: nibbles at bits 0-3 of each half OR-ed into `low`, at bits 4-7 into `high`."""
+    return f"""{{
+    .reg .b32 t0, t1, t2, t3, h, k;
+    mov.b32 k, 0x2C002C00;
+    shr.u32 h, $4, 8;
+    lop3.b32 t0, $4, 0x000F000F, {low:#010x}, 0x6A;
+    lop3.b32 t1, $4, 0x00F000F0, {high:#010x}, 0x6A;
+    lop3.b32 t2, h, 0x000F000F, {low:#010x}, 0x6A;
+    lop3.b32 t3, h, 0x00F000F0, {high:#010x}, 0x6A;
+    sub.f16x2 $0, t0, $5;
+    fma.rn.f16x2 $1, t1, k, $6;
+    sub.f16x2 $2, t2, $5;
+    fma.rn.f16x2 $3, t3, k, $6;
+    }}"""
+
+
+def _int_pairs_bf16(base: int) -> str:
+    """PTX for bf16 codes: each nibble shifted to bits 0-3 of each half and OR-ed into `base`."""
+    return f"""{{
+    .reg .b32 t0, t1, t2, t3, s, k;
+    mov.b32 k, 0x3F803F80;
+    lop3.b32 t0, $4, 0x000F000F, {base:#010x}, 0x6A;
+    shr.u32 s, $4, 4;
+    lop3.b32 t1, s, 0x000F000F, {base:#010x}, 0x6A;
+    shr.u32 s, $4, 8;
+    lop3.b32 t2, s, 0x000F000F, {base:#010x}, 0x6A;
+    shr.u32 s, $4, 12;
+    lop3.b32 t3, s, 0x000F000F, {base:#010x}, 0x6A;
+    fma.rn.bf16x2 $0, t0, k, $5;
+    fma.rn.bf16x2 $1, t1, k, $5;
+    fma.rn.bf16x2 $2, t2, k, $5;
+    fma.rn.bf16x2 $3, t3, k, $5;
+    }}"""
+
+
+# the 3-input op's XOR flips a symmetric code's sign bit (0x8 in its nibble) while OR-ing in the constant
+_F16_ZERO_POINT = tl.constexpr(_int_pairs_f16(0x64006400, 0x64006400))
+_F16_SYMMETRIC = tl.constexpr(_int_pairs_f16(0x64086408, 0x64806480))
+_BF16_ZERO_POINT = tl.constexpr(_int_pairs_bf16(0x43004300))
+_BF16_SYMMETRIC = tl.constexpr(_int_pairs_bf16(0x43084308))
+
+
 @triton.jit
 def _asm_int_pairs(w, zlo, zhi, F16: tl.constexpr, HAS_ZP: tl.constexpr):
     """Word w (8 nibbles) -> the pairs (0, 4), (1, 5), (2, 6), (3, 7) as packed 16-bit code values.
@@ -304,80 +347,23 @@ def _asm_int_pairs(w, zlo, zhi, F16: tl.constexpr, HAS_ZP: tl.constexpr):
     codes flip their sign bit in the same 3-input op (XOR with 0x8 in the nibble; z = 8). bf16 (7 mantissa bits)
     takes each nibble at bits 0-3, 128 + n (0x4300), after a shift.
     """
+    # (the string is chosen per branch: Triton cannot merge a string assigned in two branches)
     if F16:
         if HAS_ZP:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t0, t1, t2, t3, h, k;
-                mov.b32 k, 0x2C002C00;
-                shr.u32 h, $4, 8;
-                lop3.b32 t0, $4, 0x000F000F, 0x64006400, 0x6A;
-                lop3.b32 t1, $4, 0x00F000F0, 0x64006400, 0x6A;
-                lop3.b32 t2, h, 0x000F000F, 0x64006400, 0x6A;
-                lop3.b32 t3, h, 0x00F000F0, 0x64006400, 0x6A;
-                sub.f16x2 $0, t0, $5;
-                fma.rn.f16x2 $1, t1, k, $6;
-                sub.f16x2 $2, t2, $5;
-                fma.rn.f16x2 $3, t3, k, $6;
-                }""",
-                "=r,=r,=r,=r,r,r,r", [w, zlo, zhi], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                pack=1)
+            return _int_pairs(w, zlo, zhi, _F16_ZERO_POINT)
         else:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t0, t1, t2, t3, h, k;
-                mov.b32 k, 0x2C002C00;
-                shr.u32 h, $4, 8;
-                lop3.b32 t0, $4, 0x000F000F, 0x64086408, 0x6A;
-                lop3.b32 t1, $4, 0x00F000F0, 0x64806480, 0x6A;
-                lop3.b32 t2, h, 0x000F000F, 0x64086408, 0x6A;
-                lop3.b32 t3, h, 0x00F000F0, 0x64806480, 0x6A;
-                sub.f16x2 $0, t0, $5;
-                fma.rn.f16x2 $1, t1, k, $6;
-                sub.f16x2 $2, t2, $5;
-                fma.rn.f16x2 $3, t3, k, $6;
-                }""",
-                "=r,=r,=r,=r,r,r,r", [w, zlo, zhi], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                pack=1)
+            return _int_pairs(w, zlo, zhi, _F16_SYMMETRIC)
     else:
         if HAS_ZP:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t0, t1, t2, t3, s, k;
-                mov.b32 k, 0x3F803F80;
-                lop3.b32 t0, $4, 0x000F000F, 0x43004300, 0x6A;
-                shr.u32 s, $4, 4;
-                lop3.b32 t1, s, 0x000F000F, 0x43004300, 0x6A;
-                shr.u32 s, $4, 8;
-                lop3.b32 t2, s, 0x000F000F, 0x43004300, 0x6A;
-                shr.u32 s, $4, 12;
-                lop3.b32 t3, s, 0x000F000F, 0x43004300, 0x6A;
-                fma.rn.bf16x2 $0, t0, k, $5;
-                fma.rn.bf16x2 $1, t1, k, $5;
-                fma.rn.bf16x2 $2, t2, k, $5;
-                fma.rn.bf16x2 $3, t3, k, $5;
-                }""",
-                "=r,=r,=r,=r,r,r,r", [w, zlo, zhi], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                pack=1)
+            return _int_pairs(w, zlo, zhi, _BF16_ZERO_POINT)
         else:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t0, t1, t2, t3, s, k;
-                mov.b32 k, 0x3F803F80;
-                lop3.b32 t0, $4, 0x000F000F, 0x43084308, 0x6A;
-                shr.u32 s, $4, 4;
-                lop3.b32 t1, s, 0x000F000F, 0x43084308, 0x6A;
-                shr.u32 s, $4, 8;
-                lop3.b32 t2, s, 0x000F000F, 0x43084308, 0x6A;
-                shr.u32 s, $4, 12;
-                lop3.b32 t3, s, 0x000F000F, 0x43084308, 0x6A;
-                fma.rn.bf16x2 $0, t0, k, $5;
-                fma.rn.bf16x2 $1, t1, k, $5;
-                fma.rn.bf16x2 $2, t2, k, $5;
-                fma.rn.bf16x2 $3, t3, k, $5;
-                }""",
-                "=r,=r,=r,=r,r,r,r", [w, zlo, zhi], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                pack=1)
+            return _int_pairs(w, zlo, zhi, _BF16_SYMMETRIC)
+
+
+@triton.jit
+def _int_pairs(w, zlo, zhi, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [w, zlo, zhi],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
