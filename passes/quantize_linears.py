@@ -142,13 +142,11 @@ def quantize_weight_in_chunks(weight: Tensor, spec: QuantSpec, model_dtype: torc
                 whole[key] = value
             else:
                 parts.setdefault(key, []).append(value)
-        reference = chunk.double()
-        signal += reference.pow(2).sum().item()
-        noise += (reference - dequantized.double()).pow(2).sum().item()
-        del dequantized, reference
+        chunk_signal, chunk_noise = _squared_sums(chunk, dequantized)
+        signal, noise = signal + chunk_signal, noise + chunk_noise
+        del dequantized
     tensors = {key: whole[key] if key in whole else torch.cat(parts[key]) for key in tensors}
-    db = math.inf if noise == 0.0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    return tensors, int_args, db
+    return tensors, int_args, _db(signal, noise)
 
 
 def fake_quantize_weight(weight: Tensor, spec: QuantSpec, through_fp8: bool = False) -> Tensor:
@@ -232,9 +230,18 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     reference, approx = reference.detach().reshape(-1), approx.detach().reshape(-1)
     signal = noise = 0.0
     for start in range(0, reference.numel(), CHUNK_ELEMENTS):
-        r = reference[start : start + CHUNK_ELEMENTS].double()
-        signal += r.pow(2).sum().item()
-        noise += (r - approx[start : start + CHUNK_ELEMENTS].double()).pow(2).sum().item()
+        block_signal, block_noise = _squared_sums(reference[start : start + CHUNK_ELEMENTS],
+                                                  approx[start : start + CHUNK_ELEMENTS])
+        signal, noise = signal + block_signal, noise + block_noise
+    return _db(signal, noise)
+
+
+def _squared_sums(reference: Tensor, approx: Tensor) -> tuple[float, float]:
+    r = reference.double()
+    return r.pow(2).sum().item(), (r - approx.double()).pow(2).sum().item()
+
+
+def _db(signal: float, noise: float) -> float:
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
