@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from qcompile import formats
 from qcompile.passes.find_linears import LinearSite
 from qcompile.passes.insert_observers import ActivationObserver
-from qcompile.passes.quantize_linears import CHUNK_ELEMENTS, grouped_padded, sqnr_db
+from qcompile.passes.quantize_linears import CHUNK_ELEMENTS, grouped_padded, sqnr_db, sqnr_db_by_rows
 from qcompile.passes.smoothquant import folds, migrate_scale, shared_input_groups
 from qcompile.recipes import QuantSpec
 
@@ -189,7 +189,7 @@ def search_clip(
     measured. `row_block`: search that many rows at a time (the same result where `fake_quantize_weight` treats rows
     independently, as every format does given the tensor's max: its float32 temporaries then stay small)."""
     rows, cols = weight.shape
-    tensor_amax = weight.detach().abs().amax().float()
+    tensor_amax = _abs_max(weight)
     if blocks is None and moment is not None:
         blocks = moment_blocks(moment.float(), group)
     x = None if blocks is not None else grouped_padded(sample.float(), group).transpose(0, 1)  # [G, N, group]
@@ -283,7 +283,7 @@ def awq_linears(
         groups = shared_input_groups(sites)
         for index, group in enumerate(tqdm(groups, desc="awq scales", disable=not progress, leave=False)):
             observer = observers[group[0].name]
-            moment = input_moment(observer)
+            moment = input_moment(observer, consume=free_observed)
             if observer.channel_abs_mean is None or (observer.sample is None and (moment is None or fake_quantize_input)):
                 raise ValueError(f"AWQ needs sampled calibration rows for layer {group[0].name!r}")
             sample = None if observer.sample is None else observer.sample.float()
@@ -295,20 +295,18 @@ def awq_linears(
                     fake_quantize_weight, fake_quantize_input, group_size, alpha_grid, moment, tensor_scale=tensor_scale,
                     row_block=max(1, CHUNK_ELEMENTS // group[0].in_features) if independent_rows else None,
                 )
-            if scale is not None:
-                migrate_scale(gm, group, scale, by_node, placeholder_values, f"_qc_awq_{index}")
-                sample = None if sample is None else sample / scale
+            # all the clipping reads of the moment, taken now: the moment and the group's x^T x are freed before
+            # the scale moves the weights (whose float32 temporaries would otherwise come on top of them)
             blocks = None
             if moment is not None and clips(spec) and clip_ratios:
-                blocks = moment_blocks(moment, group_size)
-                if scale is not None:  # the moment of x / s: entry (i, j) divided by s_i, then by s_j
-                    s_padded = torch.nn.functional.pad(scale, (0, blocks.shape[0] * group_size - len(scale)), value=1.0)
-                    s_padded = s_padded.reshape(blocks.shape[0], group_size)
-                    blocks = blocks / s_padded[:, :, None] / s_padded[:, None, :]
+                blocks = scaled_moment_blocks(moment, group_size, scale)
             del moment
             if free_observed:  # read for the last time: freed now rather than after every layer
                 for site in group:
                     observers[site.name].xtx, observers[site.name].samples = None, []
+            if scale is not None:
+                migrate_scale(gm, group, scale, by_node, placeholder_values, f"_qc_awq_{index}")
+                sample = None if sample is None else sample / scale
             for site in group:
                 new_amax[site.name] = observer.amax if scale is None else (observer.channel_amax.float() / scale).amax()
                 scaled_rows[site.name] = sample
@@ -328,17 +326,48 @@ def awq_linears(
                     tensor_scale=tensor_scale, blocks=moments.pop(site.name), row_block=row_block,
                 )
                 # the report's SQNR is against the weight before clipping; measured here, so that weight is freed
-                tensor_amax = site.weight.abs().amax() if tensor_scale else None
-                quantized = torch.cat([_quantize_rows(site.weight[i : i + (row_block or len(reference))],
-                                                      fake_quantize_weight, tensor_amax)
-                                       for i in range(0, len(reference), row_block or len(reference))])
-                sqnr[site.name] = sqnr_db(reference, quantized)
-                del reference, quantized
+                sqnr[site.name] = stored_weight_sqnr_db(reference, site.weight, fake_quantize_weight, tensor_scale,
+                                                        row_block)
+                del reference
     return new_amax, sqnr
 
 
-def input_moment(observer: ActivationObserver) -> Tensor | None:
-    """X^T X / N of the observed inputs (float32), or None where the observer did not sum X^T X."""
+def input_moment(observer: ActivationObserver, consume: bool = False) -> Tensor | None:
+    """X^T X / N of the observed inputs (float32), or None where the observer did not sum X^T X.
+
+    `consume`: the observer serves this conversion only; its sum is divided in place and handed over (the
+    observer's `xtx` becomes None) rather than copied, so that a wide layer's K x K matrix is not held twice."""
     if observer.xtx is None or observer.rows_seen == 0:
         return None
-    return observer.xtx.float() / observer.rows_seen
+    if not consume:
+        return observer.xtx.float() / observer.rows_seen
+    xtx, observer.xtx = observer.xtx.float(), None
+    return xtx.div_(observer.rows_seen)
+
+
+def scaled_moment_blocks(moment: Tensor, group: int, scale: Tensor | None) -> Tensor:
+    """`moment_blocks` of the moment of x / scale (scale None: of x): entry (i, j) divided by s_i, then by s_j."""
+    blocks = moment_blocks(moment, group)
+    if scale is None:
+        return blocks
+    s_padded = torch.nn.functional.pad(scale, (0, blocks.shape[0] * group - len(scale)), value=1.0)
+    s_padded = s_padded.reshape(blocks.shape[0], group)
+    return blocks / s_padded[:, :, None] / s_padded[:, None, :]
+
+
+def stored_weight_sqnr_db(reference: Tensor, weight: Tensor, fake_quantize_weight: Callable[[Tensor], Tensor],
+                          tensor_scale: bool, row_block: int | None) -> float:
+    """SQNR in dB of Q(weight), as the quantization pass stores it, against `reference`. With `row_block` (rows
+    quantized independently given the tensor's max), the quantized weight is made a block of rows at a time and
+    never whole; None: the whole weight at once."""
+    tensor_amax = _abs_max(weight) if tensor_scale else None
+    if row_block is None:
+        return sqnr_db(reference, _quantize_rows(weight, fake_quantize_weight, tensor_amax))
+    return sqnr_db_by_rows(reference, lambda first, last: _quantize_rows(weight[first:last], fake_quantize_weight,
+                                                                         tensor_amax))
+
+
+def _abs_max(weight: Tensor) -> Tensor:
+    """max |w| as float32, without the float32 |w| copy that `abs().amax()` makes."""
+    w = weight.detach()
+    return torch.maximum(w.amin().abs(), w.amax().abs()).float()

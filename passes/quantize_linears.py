@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -233,6 +234,24 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
         block_signal, block_noise = _squared_sums(reference[start : start + CHUNK_ELEMENTS],
                                                   approx[start : start + CHUNK_ELEMENTS])
         signal, noise = signal + block_signal, noise + block_noise
+    return _db(signal, noise)
+
+
+def sqnr_db_by_rows(reference: Tensor, approx_rows: Callable[[int, int], Tensor]) -> float:
+    """`sqnr_db(reference, approx)` for a 2-D `reference`, where `approx_rows(first, last)` gives rows first..last-1
+    of the approximation: summed over the same blocks of elements as `sqnr_db`, so the same number bit for bit,
+    with one block's rows in memory instead of the whole approximation."""
+    reference = reference.detach()
+    cols = max(reference.shape[1], 1)
+    flat = reference.reshape(-1)
+    signal = noise = 0.0
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        end = min(start + CHUNK_ELEMENTS, flat.numel())
+        first, last = start // cols, -(-end // cols)
+        approx = approx_rows(first, last).detach().reshape(-1)[start - first * cols : end - first * cols]
+        block_signal, block_noise = _squared_sums(flat[start:end], approx)
+        signal, noise = signal + block_signal, noise + block_noise
+        del approx
     return _db(signal, noise)
 
 

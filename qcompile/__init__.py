@@ -32,7 +32,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterable
 
-from torch import nn
+from torch import fx, nn
 
 from qcompile import algorithms, formats, numerics, ops  # noqa: F401  (ops defines the qcompile:: operators)
 from qcompile.calibration import calibrate, describe_call, first_batch, run_calibration
@@ -120,13 +120,17 @@ def prepare(
     example_kwargs: dict | None = None,
     exclude: Iterable[str] | None = None,
     kv_cache: str | None = None,
+    capture_with: Callable[[nn.Module, tuple, dict], fx.GraphModule] = capture,
 ) -> PreparedModel | nn.Module:
     """Capture `model` and observe the inputs of the linears `recipe` targets: call the result on calibration
-    batches, then `convert` it. A model with no targeted linear comes back unchanged, with a warning."""
+    batches, then `convert` it. A model with no targeted linear comes back unchanged, with a warning.
+
+    `capture_with(tree, args, kwargs)` turns the model's module tree (`qcompile.module_tree`) into its graph:
+    torch.export by default (`qcompile.capture`); streaming gives each decoder layer the graph of the first one."""
     recipe = resolve_recipe(recipe, exclude=exclude, kv_cache=kv_cache)
     args, kwargs, _ = _example_call(example_inputs, example_kwargs, None)
     tree = module_tree(model)
-    graph = capture(tree, args, kwargs)
+    graph = capture_with(tree, args, kwargs)
     sites = [site for site in find_linears(graph) if not recipe.excludes(site.name)]
     if not sites:
         warnings.warn(

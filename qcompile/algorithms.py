@@ -267,7 +267,7 @@ class GPTQ(Algorithm):
                                             progress=job.progress, **settings)
             return Outcome({**amax, **measured}, references)
         missing = [site.name for site in job.sites
-                   if job.observers.get(site.name) is None or job.observers[site.name].xtx is None]
+                   if job.observers.get(site.name) is None or not job.observers[site.name].records_xtx]
         if missing:
             raise ValueError(f"GPTQ needs calibration data: no Hessian was recorded for layer {missing[0]!r} "
                              "(pass calib=... to qcompile.quantize, or calibrate inside qcompile.calibrate())")

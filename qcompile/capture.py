@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import itertools
 from typing import Any
@@ -89,3 +90,64 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     finally:
         model.train(was_training)
     return program.module()
+
+
+@dataclasses.dataclass
+class GraphTemplate:
+    """A captured graph that reads the tensors of its submodule at `path` by name only: a module of the same
+    structure (the same code and settings, tensors of the same shapes and dtypes: the next decoder layer) placed at
+    another path gets its graph from it (`instantiate`) without running torch.export again, which costs about half
+    a second for one decoder layer. Holds no tensor of that submodule."""
+
+    graph: fx.Graph
+    path: str
+    # what the graph reads outside `path`: the input guards, lifted constants
+    others: dict[str, Any]
+    meta: dict[str, Any]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, path: str) -> GraphTemplate:
+        """The template of `gm` as captured (call it before any pass changes the graph)."""
+        graph = _copy_graph(gm.graph)
+        others = {node.target: _attribute(gm, node.target) for node in graph.nodes
+                  if node.op in ("get_attr", "call_module") and not _under(node.target, path)}
+        return cls(graph, path, others, dict(gm.meta))
+
+    def instantiate(self, root: nn.Module, path: str) -> fx.GraphModule:
+        """The graph of the submodule of `root` at `path`: this template's graph reading that submodule's tensors,
+        with its module paths (read by the passes that name layers and attentions) the new ones."""
+        graph = _copy_graph(self.graph)
+        attributes = dict(self.others)
+        for node in graph.nodes:
+            if node.op in ("get_attr", "call_module") and _under(node.target, self.path):
+                node.target = path + node.target[len(self.path):]
+                attributes[node.target] = _attribute(root, node.target)
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                node.meta["nn_module_stack"] = {
+                    key: ((path + where[len(self.path):] if _under(where, self.path) else where), kind)
+                    for key, (where, kind) in stack.items()}
+        gm = fx.GraphModule(attributes, graph)
+        gm.meta.update(self.meta)
+        return gm
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """`graph`'s nodes copied, each with a copy of its meta dict (whose values are shared: replaced by `instantiate`,
+    never mutated), and the same calling convention: the pytree codegen is shared (no pass changes it; deep-copying
+    its specs warns in torch 2.13)."""
+    copied = fx.Graph()
+    output, old_output = copied.graph_copy(graph, {}, return_output_node=True)
+    copied.output(output, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
+    copied.set_codegen(graph._codegen)
+    return copied
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
+def _attribute(module: nn.Module, dotted: str) -> Any:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module

@@ -61,7 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="quantize the KV cache (static scales calibrated on the calibration text)")
     quantize.add_argument("--stream", action="store_true",
                           help="load, quantize and write one decoder layer at a time, never the whole model "
-                               "(compressed-tensors and modelopt; Llama-like decoders; docs/streaming.md)")
+                               "(compressed-tensors, modelopt and qcompile; Llama-like decoders; docs/streaming.md)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output")
     quantize.set_defaults(run=_quantize)
 
@@ -256,8 +256,8 @@ def _quantize_streaming(args: argparse.Namespace, recipe, target: Path, dtype, s
     from qcompile.streaming import StreamingError
     from transformers import AutoTokenizer
 
-    if args.format not in ("compressed-tensors", "modelopt"):
-        raise _BadInput(f"--stream writes compressed-tensors or modelopt checkpoints, not --format {args.format}")
+    if args.format == "onnx":
+        raise _BadInput("--stream writes compressed-tensors, modelopt or qcompile checkpoints, not ONNX")
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the first process speaks for all
         stage = lambda message: None  # noqa: E731
     try:

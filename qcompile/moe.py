@@ -24,6 +24,15 @@ def is_fused_experts(module: nn.Module) -> bool:
             and isinstance(getattr(module, "num_experts", None), int))
 
 
+def fused_layout(module: nn.Module) -> tuple[int, bool, bool]:
+    """(experts, whether a gate projection is fused with the up projection, whether weights are stored [in, out])
+    of a fused experts module or of the `UnfusedExperts` that replaced one."""
+    if isinstance(module, UnfusedExperts):
+        return module.num_experts, module[0].has_gate, module[0].transposed
+    has_gate = bool(getattr(module, "has_gate", hasattr(module, "gate_up_proj")))
+    return module.num_experts, has_gate, bool(getattr(module, "is_transposed", False))
+
+
 def _linear(weight: Tensor, bias: Tensor | None, transposed: bool) -> nn.Linear:
     weight = weight.t() if transposed else weight  # transposed storage is [in, out]
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -38,7 +47,7 @@ class ExpertMLP(nn.Module):
 
     def __init__(self, fused: nn.Module, index: int, gating: nn.Module):
         super().__init__()
-        transposed = bool(getattr(fused, "is_transposed", False))
+        transposed = self.transposed = bool(getattr(fused, "is_transposed", False))
         has_gate = bool(getattr(fused, "has_gate", hasattr(fused, "gate_up_proj")))
         bias = bool(getattr(fused, "has_bias", False))
         self.interleaved = not bool(getattr(fused, "is_concatenated", True))

@@ -83,24 +83,83 @@ def _qcompile_weight(layer: QuantizedLinear) -> torch.Tensor:
     return ref.dequantize_nvfp4_weight(layer.packed, layer.block_scale, layer.global_scale, layer.in_features)
 
 
+def pack_quantized_weight(tensors: dict, prefix: str) -> torch.Tensor:
+    """pack-quantized decoded from its definition (offset-binary nibbles, eight per int32, element 0 lowest)."""
+    packed = tensors[f"{prefix}.weight_packed"].to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(packed.shape[0], -1)
+    rows, cols = tensors[f"{prefix}.weight_shape"].tolist()
+    codes = nibbles[:, :cols].float() - 8
+    scale = tensors[f"{prefix}.weight_scale"]
+    return codes * scale.repeat_interleave(-(-cols // scale.shape[1]), dim=1)[:, :cols]
+
+
 def test_int4_layout_from_the_format_definition(tmp_path):
-    """pack-quantized decoded here from its definition (offset-binary nibbles, eight per int32, element 0 lowest):
-    codes times scales give qcompile's weight bit for bit."""
+    """Codes times scales, decoded from the format's definition, give qcompile's weight bit for bit."""
     from safetensors.torch import load_file
 
     _, qm = quantized("int4_gptq")
     qcompile.export_hf(qm, tmp_path / "out", dtype=torch.float32)
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     for name, layer in qm.as_module().named_modules():
-        if not isinstance(layer, QuantizedLinear):
-            continue
-        packed = tensors[f"{name}.weight_packed"].to(torch.int64) & 0xFFFFFFFF
-        nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(packed.shape[0], -1)
-        rows, cols = tensors[f"{name}.weight_shape"].tolist()
-        codes = nibbles[:, :cols].float() - 8
-        scale = tensors[f"{name}.weight_scale"]
-        weight = codes * scale.repeat_interleave(128, dim=1)[:, :cols]
-        assert torch.equal(weight, _qcompile_weight(layer)), name
+        if isinstance(layer, QuantizedLinear):
+            assert torch.equal(pack_quantized_weight(tensors, name), _qcompile_weight(layer)), name
+
+
+def test_quantized_layers_keep_their_biases(tmp_path):
+    """Qwen2's q/k/v projections have biases: written beside the quantized weights, so the loaded model computes
+    what qcompile computes (fp8 loads bit for bit on a float32 model)."""
+    model = hf_zoo.qwen2()
+    qm = qcompile.quantize(model, "fp8", calib=hf_zoo.batches("qwen2"), progress=False)
+    qcompile.export_hf(qm, tmp_path / "out", dtype=torch.float32)
+    loaded = load(tmp_path / "out")
+    batch = hf_zoo.batches("qwen2", seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, qm(**batch).logits)
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_experts_written_per_expert_under_the_checkpoint_names(arch, tmp_path):
+    """Fused MoE experts are quantized one projection per expert and written under the names the model's own
+    checkpoints use (what `save_pretrained` writes for the float model: Mixtral's `block_sparse_moe.experts.<e>.w1`,
+    Qwen2-MoE's `mlp.experts.<e>.gate_proj`), which is what engines read. Each decodes to qcompile's weight, and
+    transformers (which dequantizes experts while loading) computes what qcompile computes."""
+    from safetensors.torch import load_file
+
+    model = getattr(hf_zoo, arch)()
+    model.save_pretrained(tmp_path / "float")
+    float_names = set(load_file(tmp_path / "float" / "model.safetensors"))
+    recipe = dataclasses.replace(qcompile.RECIPES["int4_awq"], explicit_input_scales=False,
+                                 weights=dataclasses.replace(qcompile.RECIPES["int4_awq"].weights, block_size=32))
+    qm = qcompile.quantize(model, recipe, calib=hf_zoo.batches(arch), progress=False)
+    qcompile.export_hf(qm, tmp_path / "out", dtype=torch.float32)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    layers = {key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed")}
+    experts = sorted(layer for layer in layers if ".experts." in layer)
+    assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
+    assert {f"{layer}.weight" for layer in layers} <= float_names  # every quantized layer is a checkpoint linear
+    as_float = {owner + ".weight" if owner in layers and leaf.startswith("weight") else key
+                for key in tensors for owner, _, leaf in [key.rpartition(".")]}
+    assert as_float == float_names  # the float checkpoint's tensors, the quantized layers' weights as their tensors
+    # the experts' weights, decoded here, are qcompile's (matched through the fused tensors transformers loads)
+    qcompile_layers = {name: m for name, m in qm.as_module().named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(qcompile_layers) == len(layers)
+    loaded = load(tmp_path / "out")
+    fused = loaded.model.layers[1].mlp.experts
+    up = fused.gate_up_proj if hasattr(fused, "gate_up_proj") else fused.up_proj
+    for e in range(4):
+        prefix = f"model.layers.1.{'block_sparse_moe' if arch == 'mixtral' else 'mlp'}.experts.{e}."
+        gate, up_name, down = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        decoded = torch.cat([pack_quantized_weight(tensors, prefix + gate), pack_quantized_weight(tensors, prefix + up_name)])
+        mine = [_qcompile_weight(qcompile_layers[f"model.layers.1.mlp.experts.{e}.{p}"])
+                for p in ("gate_proj", "up_proj")]
+        assert torch.equal(decoded, torch.cat(mine)) and torch.equal(up[e], decoded)
+        assert torch.equal(pack_quantized_weight(tensors, prefix + down), fused.down_proj[e])
+    batch = hf_zoo.batches(arch, seed=5)[0]
+    with torch.no_grad():
+        out, expected, reference = loaded(**batch).logits, qm(**batch).logits, model(**batch).logits
+    error = ((out - expected).norm() / expected.norm()).item()  # float rounding: fused experts against one by one
+    assert error < 1e-5 and error < ((reference - expected).norm() / expected.norm()).item() / 1000
 
 
 def test_bf16_int4_scales_rounded_before_the_codes(tmp_path):
@@ -129,9 +188,6 @@ def test_export_errors_and_atomic_directory(tmp_path):
     with pytest.raises(ExportError, match="dtype=torch.bfloat16"):
         qcompile.export_hf(nvfp4, tmp_path / "c", dtype=torch.float32)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
-    moe = qcompile.quantize(hf_zoo.mixtral(), "fp8_dynamic", calib=hf_zoo.batches("mixtral"), progress=False)
-    with pytest.raises(ExportError, match="MoE experts"):
-        qcompile.export_hf(moe, tmp_path / "d")
     _, fp8 = quantized("fp8_dynamic")
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "keep.txt").write_text("x")

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import hf_zoo  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 import qcompile as qc  # noqa: E402
 from qcompile.recipes import QuantSpec  # noqa: E402
@@ -76,8 +76,35 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("name, fmt, dtype", CASES, ids=[f"{r}-{f}-{str(d)[6:]}" for r, f, d in CASES])
 def test_streamed_checkpoint_equals_the_whole_model_export(sources, name, fmt, dtype, tmp_path):
     model, folder = sources[dtype]
-    calib = hf_zoo.batches("llama")
-    recipe = _recipe(name)
+    _assert_streamed_equals_whole(model, folder, _recipe(name), fmt, dtype, hf_zoo.batches("llama"), tmp_path)
+
+
+MOE_CASES = [  # (architecture, recipe, format, model dtype)
+    ("mixtral", "fp8", "compressed-tensors", torch.float32),
+    ("qwen2_moe", "int4_awq", "compressed-tensors", torch.float32),
+    ("mixtral", "int4_gptq", "compressed-tensors", torch.float32),
+    ("mixtral", "int8_sq", "modelopt", torch.float32),
+    ("qwen2_moe", "nvfp4", "modelopt", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("arch, name, fmt, dtype", MOE_CASES,
+                         ids=[f"{a}-{r}-{f}-{str(d)[6:]}" for a, r, f, d in MOE_CASES])
+def test_streamed_moe_checkpoint_equals_the_whole_model_export(arch, name, fmt, dtype, tmp_path):
+    """MoE checkpoints store experts one by one (Mixtral also under other module names); streaming loads each layer's
+    experts into the model's fused tensors as transformers does, quantizes them one projection per expert and
+    writes them back under the checkpoint's names, as `export_hf` does for the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    folder = hf_zoo.model_folder(tmp_path / "source", getattr(hf_zoo, arch)(dtype=dtype))
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    # sequential GPTQ: the second layer's inputs (the first quantized layer's outputs) differ from the whole
+    # model's in the last bits, so its scales differ by float rounding (about 1e-7 relative; cause not found yet)
+    close = 1e-5 if name == "int4_gptq" else 0
+    _assert_streamed_equals_whole(model, folder, _recipe(name), fmt, dtype, hf_zoo.batches(arch), tmp_path, close)
+
+
+def _assert_streamed_equals_whole(model, folder, recipe, fmt, dtype, calib, tmp_path, close=0):
     whole_recipe = dataclasses.replace(recipe, explicit_input_scales=False) if fmt == "compressed-tensors" else recipe
     qm = qc.quantize(model, whole_recipe, calib=calib, progress=False)
     qc.export_hf(qm, tmp_path / "whole", format=fmt, dtype=dtype)
@@ -87,7 +114,13 @@ def test_streamed_checkpoint_equals_the_whole_model_export(sources, name, fmt, d
     want, got = _tensors(tmp_path / "whole"), _tensors(streamed)
     assert sorted(got) == sorted(want)
     for key in want:
-        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+        assert got[key].dtype == want[key].dtype, key
+        if close and got[key].is_floating_point():
+            torch.testing.assert_close(got[key], want[key], rtol=close, atol=0, msg=key)
+        elif close and key.endswith("weight_packed"):  # a few codes may flip where a scale moved
+            assert (got[key] != want[key]).float().mean() < 0.01, key
+        else:
+            assert torch.equal(got[key], want[key]), key
     index = json.loads((streamed / "model.safetensors.index.json").read_text())  # several shards, all indexed
     assert set(index["weight_map"]) == set(got) and len(set(index["weight_map"].values())) > 1
     config = json.loads((streamed / "config.json").read_text())
@@ -96,6 +129,45 @@ def test_streamed_checkpoint_equals_the_whole_model_export(sources, name, fmt, d
     if fmt == "modelopt":
         assert (streamed / "hf_quant_config.json").read_text() == (tmp_path / "whole" / "hf_quant_config.json").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left
+
+
+QCOMPILE_CASES = [  # (architecture, recipe, model dtype)
+    ("llama", "fp8", torch.float32),
+    ("llama", "nvfp4+kv_fp8", torch.bfloat16),
+    ("mixtral", "int4_awq", torch.float32),
+]
+
+
+@pytest.mark.parametrize("arch, name, dtype", QCOMPILE_CASES,
+                         ids=[f"{a}-{r}-{str(d)[6:]}" for a, r, d in QCOMPILE_CASES])
+def test_streamed_qcompile_format_equals_the_whole_model_save(arch, name, dtype, tmp_path):
+    """`format="qcompile"`: the quantized parts are assembled into the whole model's program and saved; loaded in a
+    fresh process, it computes what `quantize(model).save()` computes, bit for bit, with the same layer reports."""
+    from transformers import AutoModelForCausalLM
+
+    folder = hf_zoo.model_folder(tmp_path / "source", getattr(hf_zoo, arch)(dtype=dtype))
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    calib, recipe = hf_zoo.batches(arch), _recipe(name)
+    qc.quantize(model, recipe, calib=calib, progress=False).save(tmp_path / "whole")
+    quantize_checkpoint(folder, tmp_path / "streamed", recipe, calib, format="qcompile", progress=False)
+    torch.save(hf_zoo.batches(arch, seed=7)[0], tmp_path / "batch.pt")
+    script = textwrap.dedent("""
+        import sys, torch, qcompile
+        batch = torch.load(sys.argv[1])
+        for path in sys.argv[2:]:
+            qm = qcompile.load(path)
+            with torch.no_grad():
+                torch.save({"logits": qm(**batch).logits, "report": qm.report(), "kv": len(qm.kv_layers)}, path + ".pt")
+    """)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "batch.pt"), str(tmp_path / "whole"),
+                    str(tmp_path / "streamed")], check=True, capture_output=True)
+    whole, streamed = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "streamed.pt")
+    assert torch.equal(streamed["logits"], whole["logits"]) and torch.isfinite(whole["logits"]).all()
+    assert streamed["kv"] == whole["kv"] == (2 if "kv" in name else 0)
+    # the same layer reports; the byte count may differ slightly: an AWQ input scale that an expert's gate and up
+    # projections share is one graph tensor in the whole model, one per layer in the assembled program
+    lines = [report.splitlines() for report in (streamed["report"], whole["report"])]
+    assert [line for line in lines[0] if "bytes:" not in line] == [line for line in lines[1] if "bytes:" not in line]
 
 
 @pytest.mark.parametrize("recipe", ["fp8_dynamic", "int4_awq"])
@@ -221,7 +293,7 @@ def test_cli_stream_equals_the_in_memory_cli(sources, tmp_path, capsys):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert (tmp_path / "streamed" / "tokenizer.json").is_file()
     assert main(["quantize", str(folder), str(tmp_path / "o"), *common[:4], "--stream", "--format", "onnx"]) == 2
-    assert "--stream writes compressed-tensors or modelopt" in capsys.readouterr().err
+    assert "--stream writes compressed-tensors, modelopt or qcompile checkpoints, not ONNX" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "int8_sq"])
@@ -273,9 +345,12 @@ def test_bad_input_is_named(sources, tmp_path):
     with pytest.raises(StreamingError, match="model-00001-of-00002.safetensors .*is missing"):
         quantize_checkpoint(broken, tmp_path / "out", "fp8", calib)
 
-    moe = tmp_path / "moe"
-    hf_zoo.model_folder(moe, hf_zoo.mixtral())
-    with pytest.raises(StreamingError, match="model.layers.0.mlp.experts holds fused MoE experts"):
+    moe = hf_zoo.model_folder(tmp_path / "moe", hf_zoo.mixtral())
+    tensors = load_file(moe / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]  # one expert's up projection lost
+    save_file(tensors, moe / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StreamingError, match=r"'model.layers.1.mlp.experts.gate_up_proj' could not be built from "
+                                             r"the checkpoint's 7 tensors 'model.layers.1.block_sparse_moe"):
         quantize_checkpoint(moe, tmp_path / "out", "fp8", hf_zoo.batches("mixtral"))
 
     (tmp_path / "taken").mkdir()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from qcompile.atomic import swap_into_place
 from qcompile.checkpoints import compressed_tensors, modelopt
+from qcompile.checkpoints.names import CheckpointNames, FusedExpertsError
 from qcompile.checkpoints.shards import ShardWriter
 from qcompile.quantized_modules import QuantizedLinear
 
@@ -58,20 +59,17 @@ def export_hf(
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     writer.check_recipe(qm.recipe)
     writer.check_dtype(qm.recipe, dtype)
-    from qcompile.moe import UnfusedExperts
-
-    moe = next((name for name, m in tree.named_modules() if isinstance(m, UnfusedExperts)), None)
-    if moe is not None:
-        # transformers 5 loads per-expert tensors into fused 3-D experts, which then run unquantized kernels on
-        # the converted weights: the loaded model would not compute what qcompile's does
-        raise ExportError(f"{moe}: models with fused MoE experts cannot be exported to {format} yet "
-                          "(save with qm.save() or export ONNX)")
 
     tensors, quantized = module_tensors(tree, writer, dtype)
     if not quantized:
         raise ExportError("the model has no quantized layer to export")
     tensors.update(kv_cache_tensors(qm, tree, writer))
     tensors = _without_tied_copies(tree, tensors)
+    names = CheckpointNames(tree)
+    try:
+        tensors = {names.of([key])[key]: value for key, value in tensors.items()}
+    except FusedExpertsError as error:
+        raise ExportError(str(error)) from None
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -80,7 +78,7 @@ def export_hf(
         for key in sorted(tensors):
             shards.add({key: tensors[key]})
         shards.finish()
-        write_metadata(staging, config, dtype, writer, qm.recipe, tree, quantized, tokenizer,
+        write_metadata(staging, config, dtype, writer, qm.recipe, ignored_linears(tree, quantized, names), tokenizer,
                        getattr(tree, "generation_config", None))
         swap_into_place(staging, target)
     except BaseException:
@@ -100,6 +98,8 @@ def module_tensors(tree: nn.Module, writer,
             quantized[name] = module
             for key, value in writer.layer_tensors(name, module, dtype).items():
                 tensors[f"{name}.{key}"] = value
+            if getattr(module, "bias", None) is not None:  # kept in float by every format, under its own name
+                tensors[f"{name}.bias"] = module.bias.to(dtype)
     for key, value in tree.state_dict(keep_vars=False).items():
         owner = key.rpartition(".")[0]
         if owner in quantized or owner.endswith("qcompile_kv"):
@@ -128,20 +128,27 @@ def _without_tied_copies(tree: nn.Module, tensors: dict[str, Tensor]) -> dict[st
     return {k: v for k, v in tensors.items() if k not in tied}
 
 
-def write_metadata(directory: Path, config, dtype: torch.dtype, writer, recipe, tree: nn.Module, quantized: dict,
-                   tokenizer=None, generation_config=None) -> None:
+def ignored_linears(tree: nn.Module, quantized, names: CheckpointNames) -> list[str]:
+    """The checkpoint names of the linears of `tree` left in float (not in `quantized`): routers, `lm_head`,
+    excluded layers."""
+    return sorted(names.module(name) for name, module in tree.named_modules()
+                  if isinstance(module, nn.Linear) and name not in quantized)
+
+
+def write_metadata(directory: Path, config, dtype: torch.dtype, writer, recipe, ignore: list[str], tokenizer=None,
+                   generation_config=None) -> None:
     """`config.json` with the format's `quantization_config`, the generation config, the tokenizer's files and the
-    format's own files (Model Optimizer's `hf_quant_config.json`). `tree` is the model's module tree (its linears
-    not in `quantized` are listed as ignored)."""
+    format's own files (Model Optimizer's `hf_quant_config.json`). `ignore`: the checkpoint names of the linears
+    left in float."""
     config_dict = config.to_dict()
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     config_dict.pop("torch_dtype", None)
     config_dict["use_cache"] = True
-    config_dict["quantization_config"] = writer.quantization_config(recipe, tree, quantized)
+    config_dict["quantization_config"] = writer.quantization_config(recipe, ignore)
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     if generation_config is not None:
         generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    for file_name, data in getattr(writer, "extra_files", lambda *args: {})(recipe, tree, quantized).items():
+    for file_name, data in getattr(writer, "extra_files", lambda *args: {})(recipe, ignore).items():
         (directory / file_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

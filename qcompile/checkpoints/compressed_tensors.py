@@ -18,7 +18,7 @@ See docs/checkpoints.md for what each recipe maps to and where an engine's arith
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qcompile import formats, numerics
 from qcompile.quantized_modules import QuantizedLinear
@@ -77,10 +77,8 @@ def _args(spec: QuantSpec, *, weights: bool) -> dict:
     return args
 
 
-def quantization_config(recipe: Recipe, tree: nn.Module, quantized: dict[str, QuantizedLinear]) -> dict:
+def quantization_config(recipe: Recipe, ignore: list[str]) -> dict:
     fmt = formats.FORMATS[recipe.weights.format].compressed_tensors[2]
-    ignore = sorted(name for name, module in tree.named_modules()
-                    if isinstance(module, nn.Linear) and name not in quantized)
     group = {"targets": ["Linear"], "weights": _args(recipe.weights, weights=True),
              "input_activations": None if recipe.inputs is None else _args(recipe.inputs, weights=False),
              "output_activations": None, "format": fmt}

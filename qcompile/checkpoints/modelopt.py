@@ -32,7 +32,7 @@ read them (scales are float32 unless said otherwise; a 0-d tensor is one number)
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qcompile import numerics
 from qcompile.quantized_modules import QuantizedLinear
@@ -110,19 +110,14 @@ def _description(recipe: Recipe, ignore: list[str]) -> dict:
     return details
 
 
-def _ignored(tree: nn.Module, quantized: dict) -> list[str]:
-    return sorted(name for name, module in tree.named_modules()
-                  if isinstance(module, nn.Linear) and name not in quantized)
-
-
-def extra_files(recipe: Recipe, tree: nn.Module, quantized: dict) -> dict[str, dict]:
+def extra_files(recipe: Recipe, ignore: list[str]) -> dict[str, dict]:
     return {"hf_quant_config.json": {"producer": {"name": "modelopt", "version": PRODUCER_VERSION},
-                                     "quantization": _description(recipe, _ignored(tree, quantized))}}
+                                     "quantization": _description(recipe, ignore)}}
 
 
-def quantization_config(recipe: Recipe, tree: nn.Module, quantized: dict) -> dict:
+def quantization_config(recipe: Recipe, ignore: list[str]) -> dict:
     """config.json's `quantization_config`: the same description, in the form the loaders of `modelopt` read."""
-    details = _description(recipe, _ignored(tree, quantized))
+    details = _description(recipe, ignore)
     config = {"quant_method": "modelopt", "quant_algo": details["quant_algo"], "ignore": details["exclude_modules"],
               "producer": {"name": "modelopt", "version": PRODUCER_VERSION}, "kv_cache_scheme": None}
     if recipe.kv_cache == "fp8":

@@ -55,11 +55,14 @@ class ShardWriter:
         if self.directory is None:
             return
         batch = {}
+        # safetensors refuses tensors of one file that share memory (tied or viewed parameters, one scale of
+        # several layers): such a tensor is stored as a copy
+        held = {v.data_ptr() for v in batch.values()} if self.spill else {
+            item.data_ptr() for _, item in self.pending}
         for key, value in tensors.items():
             value = value.detach().contiguous().cpu()
-            # safetensors refuses tensors that share memory (tied or viewed parameters)
-            shared = any(value.data_ptr() == v.data_ptr() for v in batch.values())
-            batch[key] = value.clone() if shared else value
+            batch[key] = value.clone() if value.data_ptr() in held else value
+            held.add(batch[key].data_ptr())
         if self.spill:
             entries = self._save_piece(batch)
         else:
